@@ -1,0 +1,51 @@
+# vrlab: `make help` lists the targets. `make demo` and `make test` install first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+VRLAB := $(BIN)/vrlab
+# Everything the demo and the tests touch is local: fail at once instead of retrying the hub.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 \
+	HF_UPDATE_DOWNLOAD_COUNTS=0 HF_HUB_DISABLE_TELEMETRY=1 WANDB_MODE=disabled
+DEMO_ROOT ?= demo
+DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/eva02-clip,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/dit,tiny/sd3,tiny/clip.tiny/dinov2,tiny/clip.tiny/sd
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint format demo clean
+
+help: ## show the targets
+	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install vrlab with its dev extras (does nothing when up to date)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# imagecorruptions-imaug's metadata pulls the GUI opencv next to the headless one; its real needs
+	@# (numba, scikit-image, opencv-python-headless) are in pyproject.toml.
+	$(BIN)/python -m pip install --quiet --no-deps 'imagecorruptions-imaug>=1.1.5'
+	touch $(STAMP)
+
+test: install ## run the whole test suite offline (slow end-to-end tests included)
+	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the test suite without the slow end-to-end tests
+	$(OFFLINE) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: install ## build tiny models of every family and run features on generated images, offline
+	$(OFFLINE) $(VRLAB) task=demo demo.root=$(DEMO_ROOT)
+	$(OFFLINE) $(VRLAB) -m task=features encoder=$(DEMO_ENCODERS) registry.encoder_dirs=[$(DEMO_ROOT)/encoders] \
+		features.images=$(DEMO_ROOT)/images
+
+clean: ## remove demo files and outputs (keeps .venv)
+	rm -rf $(DEMO_ROOT) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,67 @@
+"""The Hydra app `vrlab`: maps `task=<name>` to the function that runs it; nothing else.
+
+Task functions are imported lazily so `vrlab task=encoders` does not pay for diffusers or open_clip.
+`vrlab encoders [GLOB]` is shorthand for `vrlab task=encoders encoders.filter=GLOB`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from vrlab.errors import VrlabError
+
+TASKS = {
+    "encoders": "vrlab.catalog:encoders_task",
+    "features": "vrlab.features:features_task",
+    "demo": "vrlab.demo:demo_task",
+}
+
+log = logging.getLogger("vrlab")
+# An absolute path: Hydra reads a relative one inside a package as a module path.
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def run_task(cfg: DictConfig) -> object:
+    """Run the task named by `cfg.task`."""
+    name = cfg.task
+    if name not in TASKS:
+        raise VrlabError(f"unknown task '{name}'; choose one of: {', '.join(sorted(TASKS))}")
+    module, _, func = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), func)(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def app(cfg: DictConfig) -> object:
+    try:
+        return run_task(cfg)
+    except VrlabError as exc:
+        log.error("%s", exc)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.RUN:
+            sys.exit(2)
+        return None  # in a sweep, one bad job does not stop the others
+
+
+def main() -> None:
+    """Console entry point."""
+    argv = sys.argv[1:]
+    if argv and argv[0] == "encoders" and all("=" not in a for a in argv[1:2]):
+        sys.argv = [
+            sys.argv[0],
+            "task=encoders",
+            *([f"encoders.filter={argv[1]}"] if len(argv) > 1 else []),
+            *argv[2:],
+        ]
+    app()
+
+
+if __name__ == "__main__":
+    main()

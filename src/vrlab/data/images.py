@@ -1,0 +1,65 @@
+"""Decode any image file into a uint8 RGB tensor `[3, H, W]`, whatever its mode.
+
+Handles RGB, grayscale, RGBA/LA and palette images (alpha is dropped, as PIL's `convert('RGB')` and the
+published pipelines do), CMYK, 16-bit and 32-bit integer and float images (rescaled to 8 bits, not clipped),
+and EXIF orientation. A file that cannot be decoded raises `ImageDecodeError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vrlab.errors import ImageDecodeError, VrlabError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16"):
+            top = 65535.0
+        elif im.mode == "F":
+            top = 1.0 if arr.max(initial=0) <= 1.0 else float(arr.max())
+        else:  # 32-bit integers: often 16-bit data stored wide
+            top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr, mode="L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def decode_image(path: str | Path) -> torch.Tensor:
+    """uint8 tensor `[3, H, W]` of the image at `path`, upright per its EXIF orientation."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            with contextlib.suppress(Exception):  # a corrupt EXIF block should not cost the pixels
+                im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"cannot decode image {path}: {exc}") from exc
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageDecodeError(f"image {path} decoded to an unusable shape {arr.shape}")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def list_images(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Image files below `folder`, sorted, so the order is the same on every machine."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VrlabError(f"image folder {folder} does not exist")
+    wanted = {s.lower() for s in suffixes}
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+    if not files:
+        raise VrlabError(f"no images ({', '.join(sorted(wanted))}) found below {folder}")
+    return files

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models of every family (built once per session, saved, loaded back through the
+registry), real photos decoded from files, and Hydra configs composed from the project's conf/."""
+
+import os
+
+# Before anything imports huggingface_hub: offline, or every hub call retries for 20-50 s.
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "WANDB_MODE": "disabled",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vrlab.registry import Registry  # noqa: E402
+from vrlab.tiny import BUILDERS, build_tiny  # noqa: E402
+
+torch.set_num_threads(2)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every tiny family saved with its library's own save call, plus its card."""
+    root = tmp_path_factory.mktemp("tiny")
+    for family in BUILDERS:
+        build_tiny(family, root / "models", root / "cards", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def registry(tiny_root: Path) -> Registry:
+    """The project's cards plus the tiny ones."""
+    return Registry.from_dirs([tiny_root / "cards"])
+
+
+@pytest.fixture(scope="session")
+def photo_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Real photos of different sizes and aspect ratios, written as JPEG and PNG files."""
+    from skimage import data
+    from sklearn.datasets import load_sample_image
+
+    folder = tmp_path_factory.mktemp("photos")
+    arrays = {
+        "china.jpg": load_sample_image("china.jpg"),
+        "astronaut.png": data.astronaut(),
+        "chelsea.jpg": data.chelsea(),
+        "coffee.png": data.coffee()[::3, ::3],
+    }
+    paths = []
+    for name, arr in arrays.items():
+        path = folder / name
+        Image.fromarray(np.asarray(arr)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path):
+    """Compose the real Hydra config with overrides; outputs go to tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=[f"paths.outputs={tmp_path / 'outputs'}", *overrides])
+
+    return _compose
