@@ -9,10 +9,12 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_EVAL
 	HF_UPDATE_DOWNLOAD_COUNTS=0 HF_HUB_DISABLE_TELEMETRY=1 WANDB_MODE=disabled
 DEMO_ROOT ?= demo
 DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/eva02-clip,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/dit,tiny/sd3,tiny/clip.tiny/dinov2,tiny/clip.tiny/sd
+DEMO_ARGS = registry.encoder_dirs=[$(DEMO_ROOT)/encoders] paths.data=$(DEMO_ROOT)/data
+PERF_ENCODERS ?= random/vit-s16,tiny/clip,tiny/sd
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo clean
+.PHONY: help install test test-fast lint format demo perf clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,10 +44,14 @@ format: install ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-demo: install ## build tiny models of every family and run features on generated images, offline
+demo: install ## the pipeline so far on tiny models of every family and a generated benchmark, offline
 	$(OFFLINE) $(VRLAB) task=demo demo.root=$(DEMO_ROOT)
-	$(OFFLINE) $(VRLAB) -m task=features encoder=$(DEMO_ENCODERS) registry.encoder_dirs=[$(DEMO_ROOT)/encoders] \
-		features.images=$(DEMO_ROOT)/images
+	$(OFFLINE) $(VRLAB) -m task=features encoder=$(DEMO_ENCODERS) $(DEMO_ARGS) features.images=$(DEMO_ROOT)/images
+	$(OFFLINE) $(VRLAB) task=make_benchmark $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=extract encoder=$(DEMO_ENCODERS) benchmark=synth-voc-trainval $(DEMO_ARGS)
+
+perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
+	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)
 
 clean: ## remove demo files and outputs (keeps .venv)
 	rm -rf $(DEMO_ROOT) outputs .pytest_cache .ruff_cache

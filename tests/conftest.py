@@ -66,6 +66,26 @@ def photo_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
+SMALL_BENCHMARK = {
+    "voc_per_split": 12,
+    "folder_per_class": 2,
+    "visda_per_class": 2,
+    "llava": 6,
+    "spair_pairs_per_category": 2,
+    "imagenet_c_per_class": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated benchmark at `<data_root>/synthetic`, in every real layout."""
+    from vrlab.data.synthetic import make_benchmark
+
+    root = tmp_path_factory.mktemp("data")
+    make_benchmark(root / "synthetic", seed=0, sizes=SMALL_BENCHMARK)
+    return root
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
     """Compose the real Hydra config with overrides; outputs go to tmp_path."""

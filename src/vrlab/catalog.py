@@ -45,3 +45,26 @@ def encoders_task(cfg: Any) -> list[dict[str, Any]]:
         table.add_row(*cells, *([r["note"]] if cfg.encoders.build else []))
     Console(width=200).print(table)
     return rows
+
+
+def benchmarks_task(cfg: Any) -> list[dict[str, Any]]:
+    """Print registered benchmark cards (name, task, metric, loader, root)."""
+    registry = Registry.from_config(cfg.registry, kind="benchmark")
+    rows = [
+        {
+            "name": c.name,
+            "aliases": list(c.aliases),
+            "task": c.meta.get("task", "?"),
+            "metric": c.meta.get("metric", "?"),
+            "loader": str(c.spec["_target_"]).rsplit(".", 1)[-1],
+            "root": str(c.spec.get("root", "")),
+        }
+        for c in registry.list(cfg.encoders.filter)
+    ]
+    table = Table(title=f"vrlab benchmarks (roots relative to {cfg.paths.data})")
+    for col in ("name", "task", "metric", "loader", "root"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["task"], r["metric"], r["loader"], r["root"])
+    Console(width=200).print(table)
+    return rows

@@ -18,6 +18,10 @@ from vrlab.errors import VrlabError
 
 TASKS = {
     "encoders": "vrlab.catalog:encoders_task",
+    "benchmarks": "vrlab.catalog:benchmarks_task",
+    "make_benchmark": "vrlab.data.synthetic:make_benchmark_task",
+    "extract": "vrlab.extract:extract_task",
+    "perf": "vrlab.perf:perf_task",
     "features": "vrlab.features:features_task",
     "demo": "vrlab.demo:demo_task",
 }

@@ -1,10 +1,11 @@
-"""Find encoder cards, resolve names, aliases and dot-joined compositions, and build encoders from them.
+"""Find encoder and benchmark cards, resolve names, aliases and dot-joined compositions, and build from them.
 
 A card is one YAML file: metadata (`name`, `aliases`, `family`, `description`, optional `dim` and `grid` at
 the default size) plus a Hydra-instantiable spec (`_target_` and the backend's arguments). Cards come from
 the project's `encoders/` folder, folders named in config (`registry.encoder_dirs`) or in the environment
 (`VRLAB_ENCODER_DIRS`, os.pathsep-separated), and the entry-point group `vrlab.encoders`, whose objects are
-a folder, a list of folders, or a callable returning either.
+a folder, a list of folders, or a callable returning either. Benchmark cards work the same way (`benchmarks/`,
+`registry.benchmark_dirs`, `VRLAB_BENCHMARK_DIRS`, entry-point group `vrlab.benchmarks`).
 
 Names may contain dots (`sd2.1`, timm tags), so `a.b.c` is split on the longest registered names, not on
 every dot; a part that matches nothing raises an error listing the closest names.
@@ -30,7 +31,34 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_ENCODER_DIR = PROJECT_ROOT / "encoders"
 ENV_ENCODER_DIRS = "VRLAB_ENCODER_DIRS"
 ENTRY_POINT_GROUP = "vrlab.encoders"
-METADATA_KEYS = ("name", "aliases", "family", "description", "dim", "grid")
+METADATA_KEYS = ("name", "aliases", "family", "description", "dim", "grid", "task", "metric")
+
+
+@dataclass(frozen=True)
+class CardKind:
+    """Where cards of one kind come from, and how errors refer to them."""
+
+    label: str
+    builtin_dir: Path
+    env: str
+    group: str
+    config_key: str
+    task: str
+
+
+KINDS = {
+    "encoder": CardKind(
+        "encoder", BUILTIN_ENCODER_DIR, ENV_ENCODER_DIRS, ENTRY_POINT_GROUP, "encoder_dirs", "encoders"
+    ),
+    "benchmark": CardKind(
+        "benchmark",
+        PROJECT_ROOT / "benchmarks",
+        "VRLAB_BENCHMARK_DIRS",
+        "vrlab.benchmarks",
+        "benchmark_dirs",
+        "benchmarks",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +74,7 @@ class EncoderCard:
     grid: tuple[int, int] | None = None
     path: Path | None = None
     members: tuple[EncoderCard, ...] = field(default=())
+    meta: Mapping[str, Any] = field(default_factory=dict)  # other metadata (benchmarks: task, metric)
 
     @property
     def source(self) -> str:
@@ -56,7 +85,12 @@ class EncoderCard:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for manifests and hashes); the file path is left out so moved cards hash the same."""
-        out: dict[str, Any] = {"name": self.name, "family": self.family, "spec": _plain(self.spec)}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "family": self.family,
+            "spec": _plain(self.spec),
+            **_plain(self.meta),
+        }
         if self.members:
             out["members"] = [m.to_dict() for m in self.members]
         return out
@@ -74,6 +108,7 @@ class EncoderCard:
             aliases=self.aliases,
             description=self.description,
             path=self.path,
+            meta=self.meta,
             # declared shapes describe the defaults only
             dim=None if overrides else self.dim,
             grid=None if overrides else self.grid,
@@ -90,30 +125,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_card(path: Path) -> EncoderCard:
+Card = EncoderCard  # the same dataclass serves benchmark cards
+
+
+def load_card(path: Path, kind: str = "encoder") -> EncoderCard:
     """Read and validate one card file; errors name the file and the key at fault."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise CardError(f"cannot read encoder card {path}: {exc}") from exc
+        raise CardError(f"cannot read {kind} card {path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise CardError(f"encoder card {path} must be a YAML mapping, got {type(data).__name__}")
+        raise CardError(f"{kind} card {path} must be a YAML mapping, got {type(data).__name__}")
     for key in ("name", "_target_"):
         if not isinstance(data.get(key), str) or not data[key].strip():
-            raise CardError(f"encoder card {path} needs a string '{key}'")
+            raise CardError(f"{kind} card {path} needs a string '{key}'")
     aliases = data.get("aliases") or []
     if isinstance(aliases, str):
         aliases = [aliases]
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-        raise CardError(f"encoder card {path}: 'aliases' must be a list of strings")
+        raise CardError(f"{kind} card {path}: 'aliases' must be a list of strings")
     grid = data.get("grid")
     if grid is not None:
         if not (isinstance(grid, list | tuple) and len(grid) == 2 and all(isinstance(g, int) for g in grid)):
-            raise CardError(f"encoder card {path}: 'grid' must be two integers [h, w], got {grid!r}")
+            raise CardError(f"{kind} card {path}: 'grid' must be two integers [h, w], got {grid!r}")
         grid = (int(grid[0]), int(grid[1]))
     dim = data.get("dim")
     if dim is not None and not isinstance(dim, int):
-        raise CardError(f"encoder card {path}: 'dim' must be an integer, got {dim!r}")
+        raise CardError(f"{kind} card {path}: 'dim' must be an integer, got {dim!r}")
     spec = {k: v for k, v in data.items() if k not in METADATA_KEYS}
     return EncoderCard(
         name=data["name"].strip(),
@@ -124,61 +162,68 @@ def load_card(path: Path) -> EncoderCard:
         dim=dim,
         grid=grid,
         path=path,
+        meta={k: data[k] for k in ("task", "metric") if k in data},
     )
 
 
-def _entry_point_dirs() -> list[Path]:
+def _entry_point_dirs(group: str = ENTRY_POINT_GROUP) -> list[Path]:
     dirs: list[Path] = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=group):
         try:
             obj = ep.load()
             obj = obj() if callable(obj) else obj
         except Exception as exc:
-            raise CardError(
-                f"entry point '{ep.name}' in group {ENTRY_POINT_GROUP} failed to load: {exc}"
-            ) from exc
+            raise CardError(f"entry point '{ep.name}' in group {group} failed to load: {exc}") from exc
         dirs.extend([Path(obj)] if isinstance(obj, str | Path) else [Path(p) for p in obj])
     return dirs
 
 
-def card_dirs(extra: Iterable[str | Path] = (), builtin: bool = True) -> list[Path]:
+def card_dirs(extra: Iterable[str | Path] = (), builtin: bool = True, kind: str = "encoder") -> list[Path]:
     """All folders cards are read from, in order: built-in, config, environment, entry points."""
-    dirs: list[Path] = [BUILTIN_ENCODER_DIR] if builtin else []
+    spec = KINDS[kind]
+    dirs: list[Path] = [spec.builtin_dir] if builtin else []
     dirs += [Path(d) for d in extra]
-    env = os.environ.get(ENV_ENCODER_DIRS, "")
+    env = os.environ.get(spec.env, "")
     dirs += [Path(d) for d in env.split(os.pathsep) if d]
-    dirs += _entry_point_dirs()
+    dirs += _entry_point_dirs(spec.group)
     return dirs
 
 
 class Registry:
     """Cards by name and alias (case-insensitive), with dot-joined composition."""
 
-    def __init__(self, cards: Iterable[EncoderCard]) -> None:
+    def __init__(self, cards: Iterable[EncoderCard], kind: str = "encoder") -> None:
+        self.kind = KINDS[kind]
         self.cards: dict[str, EncoderCard] = {}
         self._index: dict[str, str] = {}
         for card in cards:
             self.add(card)
 
     @classmethod
-    def from_dirs(cls, extra_dirs: Iterable[str | Path] = (), builtin: bool = True) -> Registry:
+    def from_dirs(
+        cls, extra_dirs: Iterable[str | Path] = (), builtin: bool = True, kind: str = "encoder"
+    ) -> Registry:
         """Load every `*.yaml` card below the configured folders."""
         cards = []
-        for folder in card_dirs(extra_dirs, builtin=builtin):
+        for folder in card_dirs(extra_dirs, builtin=builtin, kind=kind):
             if not folder.is_dir():
-                if folder != BUILTIN_ENCODER_DIR:
+                if folder != KINDS[kind].builtin_dir:
                     raise CardError(
-                        f"encoder card folder {folder} does not exist (from config or {ENV_ENCODER_DIRS})"
+                        f"{kind} card folder {folder} does not exist (from config or {KINDS[kind].env})"
                     )
                 continue
-            cards += [load_card(p) for p in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml"))]
-        return cls(cards)
+            cards += [
+                load_card(p, kind) for p in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml"))
+            ]
+        return cls(cards, kind=kind)
 
     @classmethod
-    def from_config(cls, registry_cfg: Mapping[str, Any] | None) -> Registry:
+    def from_config(cls, registry_cfg: Mapping[str, Any] | None, kind: str = "encoder") -> Registry:
         """From the `registry` section of the Hydra config."""
         cfg = registry_cfg or {}
-        return cls.from_dirs(cfg.get("encoder_dirs") or (), builtin=cfg.get("builtin", True))
+        return cls.from_dirs(
+            cfg.get(KINDS[kind].config_key) or (), builtin=cfg.get("builtin", True), kind=kind
+        )
 
     def add(self, card: EncoderCard) -> None:
         for key in (card.name, *card.aliases):
@@ -188,7 +233,7 @@ class Registry:
                 if other.path is not None and other.path == card.path:
                     continue
                 raise CardError(
-                    f"encoder name or alias '{key}' is defined twice: in {card.path} and in {other.path}; "
+                    f"{self.kind.label} name or alias '{key}' is defined twice: in {card.path} and in {other.path}; "
                     "rename one of them"
                 )
             self._index[low] = card.name
@@ -221,14 +266,14 @@ class Registry:
         """Split a dot-joined name into registered cards, longest registered name first."""
         spec = spec.strip()
         if not spec:
-            raise UnknownNameError("empty encoder name; pass encoder=<name>, e.g. encoder=clip224")
+            raise UnknownNameError(f"empty {self.kind.label} name; pass {self.kind.label}=<name>")
         if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
-            card = load_card(Path(spec))
+            card = load_card(Path(spec), self.kind.label)
             self.add(card)
             return [card]
         parts = spec.split(".")
         if any(p == "" for p in parts):
-            raise UnknownNameError(f"encoder name '{spec}' has an empty part between dots")
+            raise UnknownNameError(f"{self.kind.label} name '{spec}' has an empty part between dots")
         split = self._split(tuple(p.lower() for p in parts))
         if split is None:
             bad = self._first_unresolvable(parts)
@@ -273,8 +318,8 @@ class Registry:
         where = f" in '{spec}'" if bad != spec else ""
         hint = f"; did you mean: {', '.join(close)}?" if close else ""
         return (
-            f"unknown encoder '{bad}'{where}{hint} (see `vrlab task=encoders`; "
-            f"add a card to encoders/, registry.encoder_dirs or {ENV_ENCODER_DIRS})"
+            f"unknown {self.kind.label} '{bad}'{where}{hint} (see `vrlab task={self.kind.task}`; "
+            f"add a card to {self.kind.builtin_dir.name}/, registry.{self.kind.config_key} or {self.kind.env})"
         )
 
     def build(
@@ -305,19 +350,19 @@ class Registry:
         return CompositeEncoder(encoders, **dict(compose or {}))
 
 
-def build_card(card: EncoderCard) -> Any:
-    """Instantiate one card's spec with Hydra and attach the card."""
+def build_card(card: EncoderCard, **extra: Any) -> Any:
+    """Instantiate one card's spec (plus `extra` arguments) with Hydra and attach the card."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        encoder = instantiate(dict(card.spec), _convert_="all")
+        encoder = instantiate({**card.spec, **extra}, _convert_="all")
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, VrlabError):
-            raise type(cause)(f"encoder '{card.name}' ({card.path}): {cause}") from cause
+            raise type(cause)(f"'{card.name}' ({card.path}): {cause}") from cause
         raise VrlabError(
-            f"cannot build encoder '{card.name}' from card {card.path}: {cause}. "
+            f"cannot build '{card.name}' from card {card.path}: {cause}. "
             "For a hub id without network access, download the weights first or point 'source' at a local folder"
         ) from exc
     encoder.card = card

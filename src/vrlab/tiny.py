@@ -381,12 +381,34 @@ BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
 }
 
 
+def build_vit_small(folder: Path) -> dict[str, Any]:
+    """A randomly initialised ViT-S/16 at full size (22 M parameters), for throughput measurements."""
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    save_for_hf(model, folder, model_args={})
+    return _card(
+        "random/vit-s16",
+        "vit",
+        "vrlab.encoders.timm_backend.TimmEncoder",
+        source=f"local-dir:{folder}",
+        layer=-2,
+        resize="squash",
+    )
+
+
+# Full-size random models: built for `make perf`, not part of the per-family test table.
+PERF_BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {"vit-s": build_vit_small}
+
+
 def build_tiny(family: str, models_dir: Path, cards_dir: Path, seed: int = 0) -> Path:
     """Build, save and register one tiny model; returns the card file. Seeded, so rebuilds are identical."""
-    if family not in BUILDERS:
-        raise KeyError(f"no tiny builder for family '{family}'; known: {sorted(BUILDERS)}")
+    builders = {**BUILDERS, **PERF_BUILDERS}
+    if family not in builders:
+        raise KeyError(f"no tiny builder for family '{family}'; known: {sorted(builders)}")
     torch.manual_seed(seed)
-    card = BUILDERS[family](Path(models_dir) / family)
+    card = builders[family](Path(models_dir) / family)
     cards_dir = Path(cards_dir)
     cards_dir.mkdir(parents=True, exist_ok=True)
     path = cards_dir / f"{family}.yaml"

@@ -1,0 +1,1 @@
+"""Vision-language models: adapters (projectors), conversations, data, training."""
