@@ -5,16 +5,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 VRLAB := $(BIN)/vrlab
 # Everything the demo and the tests touch is local: fail at once instead of retrying the hub.
-OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 \
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
 	HF_UPDATE_DOWNLOAD_COUNTS=0 HF_HUB_DISABLE_TELEMETRY=1 WANDB_MODE=disabled
 DEMO_ROOT ?= demo
 DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/eva02-clip,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/dit,tiny/sd3,tiny/clip.tiny/dinov2,tiny/clip.tiny/sd
 DEMO_ARGS = registry.encoder_dirs=[$(DEMO_ROOT)/encoders] paths.data=$(DEMO_ROOT)/data
 PERF_ENCODERS ?= random/vit-s16,tiny/clip,tiny/sd
+LAW_DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/sd3
+# The law paper's 13 representations (law.md §1); CLIP336+DINOv2 runs DINOv2 at 336 px.
+LAW_ENCODERS ?= clip336,clip224,openclip-l,dinov2-l,siglip-b,sdim,sd1.5,sd2.1,sdxl,dit,sd3,clip224.dinov2-l,clip336.dinov2-l-336
+PROJECTORS ?= checkpoints/stage1
+TABLE ?= outputs/law/table.csv
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo perf clean
+.PHONY: help install test test-fast lint format demo perf law-ac law-fit clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -49,9 +54,27 @@ demo: install ## the pipeline so far on tiny models of every family and a genera
 	$(OFFLINE) $(VRLAB) -m task=features encoder=$(DEMO_ENCODERS) $(DEMO_ARGS) features.images=$(DEMO_ROOT)/images
 	$(OFFLINE) $(VRLAB) task=make_benchmark $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=extract encoder=$(DEMO_ENCODERS) benchmark=synth-voc-trainval $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo_law encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo_law encoder=tiny/clip,tiny/dinov2 \
+		correspondence.protocol=law $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=alignment experiment=demo_law encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=demo_scores experiment=demo_law $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_table experiment=demo_law law.scores=outputs/law/demo_probe_scores.csv $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo_law $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_policy experiment=demo_law $(DEMO_ARGS)
 
 perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)
+
+law-ac: install ## the law paper's C (protocol=law, SPair-71k) and A (stage-1 checkpoints in PROJECTORS) for its 13 representations
+	$(VRLAB) -m task=correspondence experiment=law_ac encoder=$(LAW_ENCODERS)
+	VRLAB_PROJECTORS=$(PROJECTORS) $(VRLAB) -m task=alignment experiment=law_ac encoder=$(LAW_ENCODERS)
+	$(VRLAB) task=law_table law.protocol=law
+
+law-fit: install ## fit the AC law on TABLE=<csv>, simulate the AC policy and rank untrained candidates
+	$(VRLAB) task=law_fit law.table=$(TABLE)
+	$(VRLAB) task=law_policy law.table=$(TABLE)
+	-$(VRLAB) task=law_recommend law.table=$(TABLE)
 
 clean: ## remove demo files and outputs (keeps .venv)
 	rm -rf $(DEMO_ROOT) outputs .pytest_cache .ruff_cache

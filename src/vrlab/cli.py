@@ -22,8 +22,15 @@ TASKS = {
     "make_benchmark": "vrlab.data.synthetic:make_benchmark_task",
     "extract": "vrlab.extract:extract_task",
     "perf": "vrlab.perf:perf_task",
+    "alignment": "vrlab.scores.alignment:alignment_task",
+    "correspondence": "vrlab.scores.correspondence:correspondence_task",
+    "law_table": "vrlab.scores.law:law_table_task",
+    "law_fit": "vrlab.scores.law:law_fit_task",
+    "law_policy": "vrlab.scores.law:law_policy_task",
+    "law_recommend": "vrlab.scores.law:law_recommend_task",
     "features": "vrlab.features:features_task",
     "demo": "vrlab.demo:demo_task",
+    "demo_scores": "vrlab.demo:demo_scores_task",
 }
 
 log = logging.getLogger("vrlab")

@@ -35,3 +35,52 @@ def demo_task(cfg: Any) -> dict[str, Any]:
     images = write_demo_images(root / "images", count=cfg.demo.images, seed=cfg.seed)
     log.info("wrote %d demo images to %s", len(images), root / "images")
     return {"cards": cards, "images": [str(p) for p in images]}
+
+
+def demo_scores_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=demo_scores`: stand-in benchmark scores for the demo's law fit.
+
+    MLLM benchmark scores arrive with the training and evaluation stages; until then the demo scores each
+    encoder by linear-probe accuracy (scikit-learn logistic regression on standardised, mean-pooled tokens)
+    on the generated ImageFolder split and on the VisDA-style domain shift. The CSV says so in its name.
+    """
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from vrlab.data.benchmarks import load_benchmark
+    from vrlab.extract import extract_store
+
+    tasks = {
+        "synth-folder-test": ("synth-folder-train", "synth-folder-test"),
+        "synth-visda-validation": ("synth-visda-train", "synth-visda-validation"),
+    }
+    rows = []
+    for encoder in to_plain(cfg.demo.law_encoders):
+        row: dict[str, Any] = {"representation": encoder}
+        for column, (train, test) in tasks.items():
+            data = []
+            for bench in (train, test):
+                store = extract_store(cfg, encoder, bench)
+                labels = {
+                    it.id: it.label
+                    for it in load_benchmark(bench, cfg.paths.data, to_plain(cfg.registry)).items
+                }
+                data.append((store.load().mean(dim=1).numpy(), np.array([labels[i] for i in store.ids])))
+            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+            probe.fit(*data[0])
+            row[column] = 100 * float(probe.score(*data[1]))
+        rows.append(row)
+        log.info(
+            "stand-in scores of %s: %s",
+            encoder,
+            {k: round(v, 1) for k, v in row.items() if k != "representation"},
+        )
+    out = Path(cfg.law.scores or Path(cfg.paths.outputs) / "law" / "demo_probe_scores.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out.with_suffix(".tmp"), index=False)
+    out.with_suffix(".tmp").replace(out)
+    log.info("stand-in scores (linear probes, not MLLM benchmarks) -> %s", out)
+    return {"scores": str(out), "rows": rows}

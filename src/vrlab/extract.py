@@ -150,7 +150,9 @@ def extract(
         torch.distributed.barrier()
     if rank != 0:
         return None
-    return writer.finalize({"encoder": encoder.name})
+    return writer.finalize(
+        {"encoder": encoder.name, "grid": list(encoder.grid), "image_size": list(encoder.image_size)}
+    )
 
 
 def _write(writer: StoreWriter, shard: int, acc: dict[str, list]) -> None:
@@ -183,58 +185,75 @@ def extraction_settings(
     }
 
 
-def extract_task(cfg: Any) -> dict[str, Any]:
-    """Build encoder and benchmark from the config and extract into `<outputs>/stores/<benchmark>/<name>-<key>`."""
+def extract_store(
+    cfg: Any,
+    encoder_name: str,
+    benchmark_name: str,
+    projector_path: str | None = None,
+    *,
+    limit: int | None = None,
+    encoder_args: Mapping[str, Any] | None = None,
+    compose: Mapping[str, Any] | None = None,
+    benchmark_args: Mapping[str, Any] | None = None,
+    distributed: bool = False,
+) -> EmbeddingStore | None:
+    """Extract (or reuse) the store of `encoder_name` on `benchmark_name` with the config's settings.
+
+    `limit` keeps the first N items (the A score uses the first 100 images of each benchmark). The store
+    folder is `<outputs>/stores/<benchmark>/<encoder>-<key>` unless `extract.out` is set. Returns None on
+    ranks other than 0.
+    """
     from vrlab.data.benchmarks import load_benchmark
     from vrlab.mllm.adapters import file_digest, load_projector
     from vrlab.registry import Registry
-    from vrlab.runtime import resolve_device, seed_everything, slug, to_plain
+    from vrlab.runtime import resolve_device, slug, to_plain
 
-    seed_everything(cfg.seed)
-    rank, world = distributed_context()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = distributed_context() if distributed else (0, 1)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     benchmark = load_benchmark(
-        cfg.benchmark, cfg.paths.data, to_plain(cfg.registry), to_plain(cfg.benchmark_args)
+        benchmark_name,
+        cfg.paths.data,
+        to_plain(cfg.registry),
+        to_plain(benchmark_args if benchmark_args is not None else cfg.benchmark_args),
     )
-    encoder = Registry.from_config(cfg.registry).build(
-        cfg.encoder, to_plain(cfg.encoder_args), to_plain(cfg.compose)
-    )
-    encoder = encoder.to(device).eval()
-    projector, projector_info = None, None
-    if cfg.extract.projector:
-        projector, pcfg = load_projector(
-            cfg.extract.projector, expect_in_dim=encoder.dim, encoder=encoder.name
+    registry = Registry.from_config(to_plain(cfg.registry))
+    encoder = (
+        registry.build(
+            encoder_name,
+            to_plain(encoder_args if encoder_args is not None else cfg.encoder_args),
+            to_plain(compose if compose is not None else cfg.compose),
         )
+        .to(device)
+        .eval()
+    )
+    projector, projector_info = None, None
+    if projector_path:
+        projector, pcfg = load_projector(projector_path, expect_in_dim=encoder.dim, encoder=encoder.name)
         projector = projector.to(device)
         if pcfg.get("encoder") and pcfg["encoder"] != encoder.name:
             log.warning(
-                "projector %s was trained on '%s', not '%s'",
-                cfg.extract.projector,
-                pcfg["encoder"],
-                encoder.name,
+                "projector %s was trained on '%s', not '%s'", projector_path, pcfg["encoder"], encoder.name
             )
-        projector_info = {"config": pcfg, "weights": file_digest(cfg.extract.projector)}
+        projector_info = {"config": pcfg, "weights": file_digest(projector_path)}
+    items = benchmark.items[:limit] if limit else benchmark.items
     settings = extraction_settings(encoder, benchmark, device, cfg.dtype, projector_info, cfg.seed)
-    ids = [it.id for it in benchmark.items]
     key = store_key(
         {
             "settings": settings,
-            "ids": ids,
+            "ids": [it.id for it in items],
             "shard_size": cfg.extract.shard_size,
             "dtype": cfg.extract.store_dtype,
         }
     )
-    path = Path(
-        cfg.extract.out
-        or Path(cfg.paths.outputs) / "stores" / slug(benchmark.card.name) / f"{slug(encoder.name)}-{key[:12]}"
+    default = (
+        Path(cfg.paths.outputs) / "stores" / slug(benchmark.card.name) / f"{slug(encoder.name)}-{key[:12]}"
     )
+    path = Path(cfg.extract.out or default)
     store = extract(
         encoder,
-        benchmark.items,
+        items,
         path,
         settings,
         batch_size=cfg.extract.batch_size,
@@ -248,19 +267,36 @@ def extract_task(cfg: Any) -> dict[str, Any]:
         rank=rank,
         world=world,
     )
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    if store is not None:
+        log.info(
+            "store %s: %d items, tokens %s, %d skipped",
+            path,
+            len(store),
+            store.manifest["shapes"]["tokens"],
+            len(store.skipped),
+        )
+    return store
+
+
+def extract_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=extract`; under torchrun/accelerate each rank extracts its slice of shards."""
+    from vrlab.runtime import seed_everything
+
+    seed_everything(cfg.seed)
+    rank, world = distributed_context()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        store = extract_store(
+            cfg, cfg.encoder, cfg.benchmark, cfg.extract.projector, limit=cfg.extract.limit, distributed=True
+        )
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     if store is None:
-        return {"path": str(path), "rank": rank}
-    log.info(
-        "store %s: %d items, tokens %s, %d skipped",
-        path,
-        len(store),
-        store.manifest["shapes"]["tokens"],
-        len(store.skipped),
-    )
+        return {"rank": rank}
     return {
-        "path": str(path),
+        "path": str(store.path),
         "items": len(store),
         "skipped": store.skipped,
         "shapes": store.manifest["shapes"],

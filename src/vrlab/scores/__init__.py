@@ -1,0 +1,1 @@
+"""The AC score (cross-modal Alignment, visual Correspondence) and the AC law / AC policy."""

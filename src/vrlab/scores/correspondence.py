@@ -1,0 +1,318 @@
+"""C score (visual correspondence): PCK@α on SPair-71k-layout pairs from an encoder's dense features.
+
+Two named protocols, both presets of `CorrespondenceSettings` (law.md §3):
+- `law`: the authors' code as written. Every model gets a squashed input scaled to [-1, 1]; keypoints live in
+  an 840 x 840 letterbox frame; the native token grid; window soft-argmax (window 5, temperature 0.02, with
+  cells outside the window zeroed, not removed, so they keep a little weight); prediction at
+  `coord * 840/n + (840/n)//2`; threshold α · max side of the target bbox in that frame; PCK per pair,
+  averaged over pairs (= categories weighted by their pair counts). DiT maps are transposed, as the code does.
+- `standard`: features from the same letterboxed frame as the keypoints, each encoder's own normalisation,
+  optional bilinear upsampling, argmax or (window) soft-argmax, optional adaptive flip of the source.
+Matching is vectorised per pair: one matrix product for all keypoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vrlab.data.loaders import Pair
+from vrlab.encoders.base import letterbox_geometry
+from vrlab.errors import VrlabError
+
+log = logging.getLogger(__name__)
+MATCHING = ("window_soft_argmax", "soft_argmax", "argmax")
+
+
+@dataclass(frozen=True)
+class CorrespondenceSettings:
+    """Every setting that changes a C number; written into each result."""
+
+    protocol: str = "standard"
+    input_resize: str = "letterbox"  # how the encoder's input is made: letterbox | squash
+    input_normalize: str | None = None  # None: the encoder's own; 'diffusion' = [-1, 1] for every model (law)
+    frame: int | None = None  # keypoint frame size; law: 840, standard: the encoder's input size
+    matching: str = "argmax"
+    window: int = 5
+    temperature: float = 0.02
+    half_cell_floor: bool = False  # law: (frame/n)//2 as the cell-centre offset
+    upsample: int | None = None  # bilinear upsampling of both maps to this grid side before matching
+    flip: bool = False  # adaptive horizontal flip of the source (standard only)
+    transpose_features: bool = False  # law's DiT quirk (set automatically for the dit family under law)
+    alphas: tuple[float, ...] = (0.1, 0.05, 0.01)
+    threshold: str = "bbox"  # bbox: α · max side of the target bbox; image: α · frame size
+    pairs: str = "all pairs of the split"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PROTOCOLS = {
+    "law": CorrespondenceSettings(
+        protocol="law",
+        input_resize="squash",
+        input_normalize="diffusion",
+        frame=840,
+        matching="window_soft_argmax",
+        window=5,
+        temperature=0.02,
+        half_cell_floor=True,
+    ),
+    "standard": CorrespondenceSettings(
+        protocol="standard", input_resize="letterbox", input_normalize=None, frame=None, matching="argmax"
+    ),
+}
+
+
+def protocol_settings(name: str, **overrides: Any) -> CorrespondenceSettings:
+    """A protocol preset with overrides (for example `upsample=64` or `matching='window_soft_argmax'`)."""
+    if name not in PROTOCOLS:
+        raise VrlabError(f"unknown correspondence protocol '{name}'; choose one of {sorted(PROTOCOLS)}")
+    settings = replace(
+        PROTOCOLS[name], **{k: (tuple(v) if k == "alphas" else v) for k, v in overrides.items()}
+    )
+    if settings.matching not in MATCHING:
+        raise VrlabError(f"matching='{settings.matching}' is not one of {MATCHING}")
+    if settings.protocol == "law" and settings.flip:
+        raise VrlabError("the law protocol has no flip test (ADAPT_FLIP: false); use protocol=standard")
+    return settings
+
+
+def to_frame(points: Sequence[Sequence[float]], size: tuple[int, int], frame: int, law: bool) -> torch.Tensor:
+    """Keypoints (x, y) of an image of `size` (w, h) in a `frame` x `frame` letterbox (centred padding)."""
+    w, h = size
+    pts = torch.tensor(points, dtype=torch.float64).reshape(-1, 2)
+    if law:  # GeoAware-SC's preprocess_kps_pad: unrounded scaled size, floored offset
+        scale = frame / max(w, h)
+        offset = (frame - (h if h < w else w) * scale) // 2
+        pts = pts * scale
+        pts[:, 1 if h < w else 0] += offset
+        return pts
+    scale, _, _, top, left = letterbox_geometry(h, w, (frame, frame))
+    return pts * scale + torch.tensor([left, top], dtype=torch.float64)
+
+
+def bbox_to_frame(bbox: Sequence[float], size: tuple[int, int], frame: int, law: bool) -> torch.Tensor:
+    corners = to_frame([bbox[:2], bbox[2:]], size, frame, law)
+    return corners.flatten()
+
+
+def match(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    points: torch.Tensor,
+    frame: int,
+    settings: CorrespondenceSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted target positions (frame pixels, [K, 2]) of source `points` ([K, 2] frame pixels).
+
+    `source` and `target` are L2-normalised maps `[h, w, D]`. Returns predictions and each point's best
+    similarity (used by the flip test).
+    """
+    h, w, d = target.shape
+    cx = (points[:, 0] * w / frame).floor().long().clamp(0, w - 1)
+    cy = (points[:, 1] * h / frame).floor().long().clamp(0, h - 1)
+    sim = source.reshape(-1, d)[cy * w + cx] @ target.reshape(-1, d).T  # [K, h*w]
+    best_sim, best = sim.max(dim=1)
+    by, bx = (best // w).double(), (best % w).double()
+    if settings.matching == "argmax":
+        coord_x, coord_y = bx, by
+    else:
+        s = sim.reshape(-1, h, w).double()
+        if settings.matching == "window_soft_argmax":
+            yy = torch.arange(h, dtype=torch.float64).view(1, h, 1)
+            xx = torch.arange(w, dtype=torch.float64).view(1, 1, w)
+            inside = ((yy - by.view(-1, 1, 1)).abs() <= settings.window) & (
+                (xx - bx.view(-1, 1, 1)).abs() <= settings.window
+            )
+            s = s * inside  # zeroed, not removed: outside cells keep exp(-max/β) weight, as the law code does
+        s = s - s.flatten(1).max(dim=1).values.view(-1, 1, 1)
+        weights = torch.softmax(s.flatten(1) / settings.temperature, dim=1).view(-1, h, w)
+        ex = (weights.sum(dim=1) * torch.linspace(-1, 1, w, dtype=torch.float64)).sum(dim=1)
+        ey = (weights.sum(dim=2) * torch.linspace(-1, 1, h, dtype=torch.float64)).sum(dim=1)
+        coord_x, coord_y = (ex + 1) / 2 * (w - 1), (ey + 1) / 2 * (h - 1)
+    cell_w, cell_h = frame / w, frame / h
+    half_w, half_h = (cell_w // 2, cell_h // 2) if settings.half_cell_floor else (cell_w / 2, cell_h / 2)
+    return torch.stack([coord_x * cell_w + half_w, coord_y * cell_h + half_h], dim=1), best_sim
+
+
+def prepare_map(tokens: torch.Tensor, grid: Sequence[int], settings: CorrespondenceSettings) -> torch.Tensor:
+    """Tokens `[N, D]` -> an L2-normalised `[h, w, D]` map (transposed or upsampled per settings)."""
+    fmap = tokens.float().reshape(grid[0], grid[1], -1)
+    if settings.transpose_features:
+        fmap = fmap.transpose(0, 1).reshape(
+            grid[0], grid[1], -1
+        )  # the law code's permute-then-view of DiT maps
+    if settings.upsample:
+        fmap = F.interpolate(
+            fmap.permute(2, 0, 1)[None],
+            size=(settings.upsample, settings.upsample),
+            mode="bilinear",
+            align_corners=False,
+        )[0].permute(1, 2, 0)
+    return F.normalize(fmap, dim=-1)
+
+
+def pck(
+    pairs: Sequence[Pair],
+    features: Callable[[str, bool], torch.Tensor],
+    grid: Sequence[int],
+    frame: int,
+    settings: CorrespondenceSettings,
+) -> dict[str, Any]:
+    """PCK per point, per pair (image), per category and overall, at every α.
+
+    `features(item_id, flipped)` returns tokens `[h*w, D]` of an image (flipped horizontally if asked).
+    """
+    law = settings.protocol == "law"
+    per_pair, per_point = [], []
+    for pair in pairs:
+        src = prepare_map(features(pair.source, False), grid, settings)
+        tgt = prepare_map(features(pair.target, False), grid, settings)
+        points = to_frame(pair.source_kps, pair.source_size, frame, law)
+        pred, score = match(src, tgt, points, frame, settings)
+        flipped = False
+        if settings.flip:
+            _, _, new_w, _, left = letterbox_geometry(
+                pair.source_size[1], pair.source_size[0], (frame, frame)
+            )
+            mirrored = points.clone()
+            mirrored[:, 0] = 2 * left + new_w - points[:, 0]
+            src_f = prepare_map(features(pair.source, True), grid, settings)
+            pred_f, score_f = match(src_f, tgt, mirrored, frame, settings)
+            if score_f.mean() > score.mean():
+                pred, flipped = pred_f, True
+        gt = to_frame(pair.target_kps, pair.target_size, frame, law)
+        x0, y0, x1, y1 = bbox_to_frame(pair.target_bbox, pair.target_size, frame, law).tolist()
+        base = max(x1 - x0, y1 - y0) if settings.threshold == "bbox" else frame
+        dist = (pred - gt).norm(dim=1)
+        row = {"pair": pair.id, "category": pair.category, "n_points": len(gt), "flipped": flipped}
+        for a in settings.alphas:
+            ok = dist < a * base
+            row[f"pck@{a}"] = ok.double().mean().item() * 100
+            per_point += [
+                {
+                    "pair": pair.id,
+                    "category": pair.category,
+                    "k": k,
+                    "alpha": a,
+                    "correct": bool(c),
+                    "distance": float(dd),
+                }
+                for k, (c, dd) in enumerate(zip(ok.tolist(), dist.tolist(), strict=True))
+            ]
+        per_pair.append(row)
+    if not per_pair:
+        raise VrlabError("no correspondence pairs to evaluate")
+    summary: dict[str, Any] = {}
+    for a in settings.alphas:
+        key = f"pck@{a}"
+        cats = sorted({r["category"] for r in per_pair})
+        by_cat = {c: _mean([r[key] for r in per_pair if r["category"] == c]) for c in cats}
+        points = [p for p in per_point if p["alpha"] == a]
+        summary[key] = {
+            "per_image": _mean([r[key] for r in per_pair]),  # = categories weighted by their pair counts
+            "per_category_mean": _mean(list(by_cat.values())),
+            "per_point": 100 * sum(p["correct"] for p in points) / len(points),
+            "per_category": by_cat,
+        }
+    return {"summary": summary, "per_pair": per_pair, "per_point": per_point}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def correspondence_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=correspondence encoder=... benchmark=synth-spair protocol=law|standard`."""
+    from vrlab.data.benchmarks import load_benchmark
+    from vrlab.data.images import decode_image
+    from vrlab.extract import extract_store
+    from vrlab.registry import Registry
+    from vrlab.runtime import atomic_write_json, resolve_device, run_dir, seed_everything, to_plain
+
+    seed_everything(cfg.seed)
+    ccfg = to_plain(cfg.correspondence)
+    overrides = {
+        k: v for k, v in ccfg.items() if k not in ("protocol", "max_pairs", "label") and v is not None
+    }
+    registry = Registry.from_config(to_plain(cfg.registry))
+    cards = registry.resolve(cfg.encoder)
+    if (
+        ccfg["protocol"] == "law"
+        and "transpose_features" not in overrides
+        and any(c.family == "dit" for c in cards)
+    ):
+        overrides["transpose_features"] = True
+    settings = protocol_settings(ccfg["protocol"], **overrides)
+    encoder_args = dict(to_plain(cfg.encoder_args)) | {"resize": settings.input_resize}
+    if settings.input_normalize:
+        encoder_args["normalize"] = settings.input_normalize
+    compose = dict(to_plain(cfg.compose)) | {"normalize": True}  # each member unit-length: (cos1 + cos2) / 2
+    benchmark = load_benchmark(
+        cfg.benchmark, cfg.paths.data, to_plain(cfg.registry), to_plain(cfg.benchmark_args)
+    )
+    if not hasattr(benchmark, "pairs"):
+        raise VrlabError(
+            f"benchmark '{cfg.benchmark}' has no correspondence pairs (use an SPair-layout card)"
+        )
+    pairs = benchmark.pairs[: ccfg.get("max_pairs") or None]
+    store = extract_store(cfg, cfg.encoder, cfg.benchmark, None, encoder_args=encoder_args, compose=compose)
+    grid = tuple(store.manifest["grid"])
+    frame = settings.frame or max(store.manifest["image_size"])
+    encoder = None
+    flipped_cache: dict[str, torch.Tensor] = {}
+    items = {it.id: it for it in benchmark.items}
+
+    def features(item_id: str, flipped: bool) -> torch.Tensor:
+        nonlocal encoder
+        if not flipped:
+            return store.tokens(item_id)
+        if item_id not in flipped_cache:
+            if encoder is None:
+                encoder = (
+                    registry.build(cfg.encoder, encoder_args, compose).to(resolve_device(cfg.device)).eval()
+                )
+            image = decode_image(items[item_id].path).flip(-1)
+            flipped_cache[item_id] = encoder.encode_images([image], cfg.dtype).tokens[0].float().cpu()
+        return flipped_cache[item_id]
+
+    result = pck(pairs, features, grid, frame, settings)
+    label = ccfg.get("label") or cfg.encoder
+    out = run_dir(
+        cfg.paths.outputs,
+        "correspondence",
+        cfg.encoder,
+        {"settings": settings.to_dict(), "store": store.manifest["key"], "pairs": [p.id for p in pairs]},
+    )
+    record = {
+        "representation": label,
+        "encoder": cfg.encoder,
+        "benchmark": benchmark.card.name,
+        "C": result["summary"]["pck@0.1"]["per_image"] if 0.1 in settings.alphas else None,
+        "settings": settings.to_dict(),
+        "grid": list(grid),
+        "frame": frame,
+        "n_pairs": len(pairs),
+        "encoder_settings": store.manifest["settings"]["encoder"],
+        **result,
+    }
+    atomic_write_json(out / "correspondence.json", record)
+    s = result["summary"]
+    log.info(
+        "C(%s, %s, protocol=%s): %s -> %s",
+        cfg.encoder,
+        benchmark.card.name,
+        settings.protocol,
+        ", ".join(f"{k} {v['per_image']:.2f}" for k, v in s.items()),
+        out / "correspondence.json",
+    )
+    record["output"] = str(out / "correspondence.json")
+    return record
