@@ -9,7 +9,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_EVAL
 	HF_UPDATE_DOWNLOAD_COUNTS=0 HF_HUB_DISABLE_TELEMETRY=1 WANDB_MODE=disabled
 DEMO_ROOT ?= demo
 DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/eva02-clip,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/dit,tiny/sd3,tiny/clip.tiny/dinov2,tiny/clip.tiny/sd
-DEMO_ARGS = registry.encoder_dirs=[$(DEMO_ROOT)/encoders] paths.data=$(DEMO_ROOT)/data
+DEMO_ARGS = registry.encoder_dirs=[$(DEMO_ROOT)/encoders] paths.data=$(DEMO_ROOT)/data demo.root=$(DEMO_ROOT)
 PERF_ENCODERS ?= random/vit-s16,tiny/clip,tiny/sd
 LAW_DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/sd3
 # The law paper's 13 representations (law.md §1); CLIP336+DINOv2 runs DINOv2 at 336 px.
@@ -49,19 +49,28 @@ format: install ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-demo: install ## the pipeline so far on tiny models of every family and a generated benchmark, offline
+demo: install ## the whole pipeline on tiny models of every family and a generated benchmark, offline
 	$(OFFLINE) $(VRLAB) task=demo demo.root=$(DEMO_ROOT)
 	$(OFFLINE) $(VRLAB) -m task=features encoder=$(DEMO_ENCODERS) $(DEMO_ARGS) features.images=$(DEMO_ROOT)/images
 	$(OFFLINE) $(VRLAB) task=make_benchmark $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=extract encoder=$(DEMO_ENCODERS) benchmark=synth-voc-trainval $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo_law encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo_law encoder=tiny/clip,tiny/dinov2 \
+	@# MLLM: a tiny LLM pretrained on the generated text; stage-1 projectors for every law candidate and both
+	@# references; stage 2 on the conversations; answers for a few images.
+	$(OFFLINE) $(VRLAB) task=demo_llm experiment=demo $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=train stage=1 train.data=synth-captions experiment=demo \
+		encoder=$(LAW_DEMO_ENCODERS),tiny/eva02-clip $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=train stage=2 train.data=synth-conversations experiment=demo encoder=tiny/clip \
+		train.init_from=$(DEMO_ROOT)/stage1/tiny/clip/adapter $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=generate experiment=demo checkpoint=$(DEMO_ROOT)/stage2/tiny/clip/model $(DEMO_ARGS)
+	@# The AC score and law: C, A on projected tokens, stand-in scores, the fit and the policy simulation.
+	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo encoder=tiny/clip,tiny/dinov2 \
 		correspondence.protocol=law $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) -m task=alignment experiment=demo_law encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=demo_scores experiment=demo_law $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=law_table experiment=demo_law law.scores=outputs/law/demo_probe_scores.csv $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo_law $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=law_policy experiment=demo_law $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=alignment experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=demo_scores experiment=demo $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_table experiment=demo law.scores=outputs/law/demo_probe_scores.csv $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_policy experiment=demo $(DEMO_ARGS)
 
 perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)

@@ -31,6 +31,9 @@ TASKS = {
     "features": "vrlab.features:features_task",
     "demo": "vrlab.demo:demo_task",
     "demo_scores": "vrlab.demo:demo_scores_task",
+    "demo_llm": "vrlab.demo:demo_llm_task",
+    "train": "vrlab.mllm.train:train_task",
+    "generate": "vrlab.mllm.train:generate_task",
 }
 
 log = logging.getLogger("vrlab")

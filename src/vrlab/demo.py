@@ -37,6 +37,23 @@ def demo_task(cfg: Any) -> dict[str, Any]:
     return {"cards": cards, "images": [str(p) for p in images]}
 
 
+def demo_llm_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=demo_llm`: a tiny Llama whose tokenizer is trained on the generated benchmark's text, then
+    pretrained on that text as a language model (real MLLMs start from a pretrained LLM)."""
+    from vrlab.tiny import build_llm, default_corpus, llava_texts, pretrain_llm
+
+    folder = Path(cfg.llm.source)
+    texts = llava_texts(Path(cfg.paths.data) / "synthetic" / "llava")
+    torch_seed = cfg.seed
+    import torch
+
+    torch.manual_seed(torch_seed)
+    build_llm(folder, corpus=texts + default_corpus())
+    losses = pretrain_llm(folder, texts, steps=cfg.demo.llm_pretrain_steps, seed=cfg.seed)
+    log.info("tiny LLM at %s: text pretraining loss %.3f -> %.3f", folder, losses[0], losses[-1])
+    return {"llm": str(folder), "pretrain_losses": losses}
+
+
 def demo_scores_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=demo_scores`: stand-in benchmark scores for the demo's law fit.
 

@@ -374,3 +374,28 @@ def build_card(card: EncoderCard, **extra: Any) -> Any:
             f"gives dim={encoder.dim}, grid={list(encoder.grid)}; fix the card's 'dim'/'grid' keys"
         )
     return encoder
+
+
+def encoder_from_dict(card: Mapping[str, Any], policy: Mapping[str, Any] | None = None) -> Any:
+    """Rebuild an encoder (or composite) from `EncoderCard.to_dict()` output, without the card files.
+
+    Checkpoints store this, so a saved model rebuilds its exact encoder even where the cards differ.
+    """
+
+    def one(c: Mapping[str, Any]) -> Any:
+        meta = {k: c[k] for k in ("task", "metric") if k in c}
+        return build_card(
+            EncoderCard(name=c["name"], spec=dict(c["spec"]), family=c.get("family", "unknown"), meta=meta)
+        )
+
+    if card.get("members"):
+        from vrlab.encoders.compose import CompositeEncoder
+
+        spec = dict(card.get("spec", {}))
+        policy = dict(
+            policy or {"align": spec.get("align", "equal"), "normalize": spec.get("normalize", False)}
+        )
+        if policy.get("align") == "interpolate":
+            policy.setdefault("grid", spec.get("grid"))
+        return CompositeEncoder([one(m) for m in card["members"]], **policy)
+    return one(card)

@@ -1,8 +1,17 @@
 """Adapters between a vision encoder and an LLM, and the stage-1 checkpoint format.
 
-A stage-1 checkpoint is a folder with `adapter_config.json` (`type`, `in_dim`, `out_dim`, the encoder card
-name, the LLM, anything else that rebuilds it) and `adapter.safetensors`. `extract.projector=<folder>` loads
-it to store projected tokens, which the A score compares.
+- `linear` (LLaVA v0, LMVR) and `mlp2x_gelu` (LLaVA-1.5: Linear, GELU, Linear);
+- `qformer` (BLIP-2): learnable queries through transformers' `Blip2QFormerModel` cross-attending to the
+  vision tokens, then a linear map to the LLM width;
+- `tg` (TG-LLaVA): learnable latents, one per vision token, through a small Q-Former that cross-attends to
+  the instruction's text embedding; a zero-initialised linear output is added to the vision tokens before the
+  `mlp2x_gelu` projector, so at initialisation the model is exactly the same model without it. With
+  `detail=true`, the high-resolution branch encodes four tiles of the 2x upsampled image with the same encoder
+  and resamples them into `detail_latents` extra tokens (a Q-Former stands in for the paper's Perceiver).
+
+A stage-1 checkpoint is a folder with `adapter_config.json` (`type`, `in_dim`, `out_dim`, the adapter's
+options, the encoder card name, the LLM) and `adapter.safetensors`. `extract.projector=<folder>` loads it to
+store projected tokens for the A score.
 """
 
 from __future__ import annotations
@@ -12,21 +21,162 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vrlab.errors import ShapeError, VrlabError
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
+ADAPTERS = ("linear", "mlp2x_gelu", "qformer", "tg")
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """`linear` (LLaVA v0, LMVR) or `mlp2x_gelu` (LLaVA-1.5: Linear, GELU, Linear)."""
+    """`linear` or `mlp2x_gelu`."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp2x_gelu":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
     raise VrlabError(f"unknown projector type '{kind}'; choose linear or mlp2x_gelu")
+
+
+def _qformer(hidden: int, layers: int, heads: int, encoder_hidden: int, cross_every: int = 1) -> nn.Module:
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    cfg = Blip2QFormerConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        cross_attention_frequency=cross_every,
+        encoder_hidden_size=encoder_hidden,
+    )
+    return Blip2QFormerModel(cfg)
+
+
+class QFormerAdapter(nn.Module):
+    """BLIP-2: `num_queries` learnable queries cross-attend to the vision tokens; Linear to the LLM width."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 32,
+        hidden: int = 768,
+        layers: int = 12,
+        heads: int = 12,
+        cross_every: int = 2,
+    ) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, num_queries, hidden) * 0.02)
+        self.qformer = _qformer(hidden, layers, heads, in_dim, cross_every)
+        self.proj = nn.Linear(hidden, out_dim)
+
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        out = self.qformer(
+            query_embeds=self.query.expand(tokens.shape[0], -1, -1),
+            encoder_hidden_states=tokens,
+            encoder_attention_mask=mask,
+        ).last_hidden_state
+        return self.proj(out)
+
+
+class TGAdapter(nn.Module):
+    """TG-LLaVA: text-guided latents added (through a zero-initialised linear) to the vision tokens."""
+
+    needs_text = True
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_tokens: int,
+        text_dim: int,
+        hidden: int | None = None,
+        layers: int = 2,
+        heads: int = 4,
+        detail: bool = False,
+        detail_latents: int = 64,
+    ) -> None:
+        super().__init__()
+        hidden = hidden or in_dim
+        self.latents = nn.Parameter(torch.randn(1, num_tokens, hidden) * 0.02)
+        self.text_proj = nn.Linear(text_dim, hidden)
+        self.qformer = _qformer(hidden, layers, heads, hidden, cross_every=2)
+        self.zero = nn.Linear(hidden, in_dim)
+        nn.init.zeros_(self.zero.weight)
+        nn.init.zeros_(self.zero.bias)
+        self.projector = build_projector("mlp2x_gelu", in_dim, out_dim)
+        self.detail = detail
+        if detail:
+            self.tile_pos = nn.Parameter(torch.zeros(1, 4 * num_tokens, in_dim))
+            self.detail_query = nn.Parameter(torch.randn(1, detail_latents, hidden) * 0.02)
+            self.resampler = _qformer(hidden, layers, heads, in_dim, cross_every=1)
+            self.detail_proj = build_projector("mlp2x_gelu", hidden, out_dim)
+
+    def guidance(self, text: torch.Tensor) -> torch.Tensor:
+        """M = zero(Q-Former(latents | text)); `text` is the pooled text embedding [B, text_dim]."""
+        key = self.text_proj(text).unsqueeze(1)
+        mask = torch.ones(key.shape[:2], dtype=torch.long, device=key.device)
+        out = self.qformer(
+            query_embeds=self.latents.expand(text.shape[0], -1, -1),
+            encoder_hidden_states=key,
+            encoder_attention_mask=mask,
+        ).last_hidden_state
+        return self.zero(out)
+
+    def forward(
+        self, tokens: torch.Tensor, text: torch.Tensor | None = None, tiles: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if text is not None:
+            guide = self.guidance(text)
+            if guide.shape[1] != tokens.shape[1]:
+                raise ShapeError(
+                    f"tg adapter has {guide.shape[1]} latents but the encoder gives {tokens.shape[1]} tokens"
+                )
+            tokens = tokens + guide
+        out = self.projector(tokens)
+        if self.detail:
+            if tiles is None:
+                raise VrlabError("tg adapter with detail=true needs the tile tokens of the 2x image")
+            ctx = tiles + self.tile_pos[:, : tiles.shape[1]]
+            mask = torch.ones(ctx.shape[:2], dtype=torch.long, device=ctx.device)
+            det = self.resampler(
+                query_embeds=self.detail_query.expand(ctx.shape[0], -1, -1),
+                encoder_hidden_states=ctx,
+                encoder_attention_mask=mask,
+            ).last_hidden_state
+            out = torch.cat([out, self.detail_proj(det)], dim=1)
+        return out
+
+
+class ProjectorAdapter(nn.Module):
+    """`linear` / `mlp2x_gelu` with the adapter call signature."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = build_projector(kind, in_dim, out_dim)
+
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(tokens)
+
+
+def build_adapter(config: Mapping[str, Any]) -> nn.Module:
+    """An adapter from its config: `type`, `in_dim`, `out_dim` and the type's options."""
+    cfg = dict(config)
+    kind = cfg.pop("type", None)
+    in_dim, out_dim = int(cfg.pop("in_dim")), int(cfg.pop("out_dim"))
+    options = {
+        k: v for k, v in cfg.items() if k not in ("encoder", "llm", "num_tokens_in", "template", "stage")
+    }
+    if kind in ("linear", "mlp2x_gelu"):
+        return ProjectorAdapter(kind, in_dim, out_dim)
+    if kind == "qformer":
+        return QFormerAdapter(in_dim, out_dim, **options)
+    if kind == "tg":
+        return TGAdapter(in_dim, out_dim, **options)
+    raise VrlabError(f"unknown adapter type '{kind}'; choose one of {ADAPTERS}")
 
 
 def save_projector(module: nn.Module, folder: str | Path, config: Mapping[str, Any]) -> Path:
@@ -36,30 +186,50 @@ def save_projector(module: nn.Module, folder: str | Path, config: Mapping[str, A
     for key in ("type", "in_dim", "out_dim"):
         if key not in config:
             raise VrlabError(f"projector config needs '{key}'")
-    save_file(
-        {k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(folder / WEIGHTS_FILE)
-    )
+    state = module.state_dict()
+    if isinstance(module, nn.Sequential | nn.Linear):  # a bare projector: store it in the adapter layout
+        state = {f"net.{k}": v for k, v in state.items()}
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
     return folder
 
 
-def load_projector(
+def load_adapter(
     folder: str | Path, expect_in_dim: int | None = None, encoder: str = ""
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a stage-1 checkpoint; a mismatch with the encoder's width is an error naming both."""
     folder = Path(folder)
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.exists() or not (folder / WEIGHTS_FILE).exists():
-        raise VrlabError(f"no projector checkpoint at {folder} (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise VrlabError(f"no adapter checkpoint at {folder} (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = json.loads(cfg_path.read_text())
     if expect_in_dim is not None and int(config["in_dim"]) != int(expect_in_dim):
         raise ShapeError(
             f"projector {folder} expects input width {config['in_dim']} (trained on '{config.get('encoder', '?')}') "
             f"but encoder '{encoder}' gives {expect_in_dim}"
         )
-    module = build_projector(config["type"], int(config["in_dim"]), int(config["out_dim"]))
+    module = build_adapter(config)
     module.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return module.eval(), config
+
+
+def load_projector(
+    folder: str | Path, expect_in_dim: int | None = None, encoder: str = ""
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A checkpoint as a tokens -> projected tokens module (text-guided adapters run without guidance)."""
+    module, config = load_adapter(folder, expect_in_dim, encoder)
+    if config["type"] == "qformer":
+        return module, config
+    return _TokensOnly(module), config
+
+
+class _TokensOnly(nn.Module):
+    def __init__(self, adapter: nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.adapter(tokens)
 
 
 def file_digest(folder: str | Path) -> str:

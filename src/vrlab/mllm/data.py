@@ -1,0 +1,127 @@
+"""LLaVA-JSON datasets for training and generation: images (pad-to-square or resized per the encoder's
+card), tokenised conversations with answer-only labels, and a collator that pads (right for training, left
+for generation) and marks which samples carry an image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from vrlab.data.images import decode_image
+from vrlab.encoders.base import collate_pixels
+from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN, tokenize
+
+
+def pad_to_square(image: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+    """LLaVA-1.5's expand2square: centre the image on a square canvas of the mean colour (uint8 in and out)."""
+    _, h, w = image.shape
+    side = max(h, w)
+    canvas = (
+        torch.tensor([round(f * 255) for f in fill], dtype=torch.uint8)
+        .view(3, 1, 1)
+        .expand(3, side, side)
+        .clone()
+    )
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[:, top : top + h, left : left + w] = image
+    return canvas
+
+
+def guide_text(conversations: Sequence[dict[str, str]]) -> str:
+    """TG-LLaVA's text guide: the last human turn, without the placeholder."""
+    humans = [t["value"] for t in conversations if t["from"] == "human"]
+    return humans[-1].replace(IMAGE_TOKEN, "").strip() if humans else ""
+
+
+class ConversationDataset(Dataset):
+    """Samples of a LlavaJsonLoader, tokenised for `model` (a VisionLanguageModel)."""
+
+    def __init__(
+        self, loader: Any, model: Any, image_aspect_ratio: str = "pad", generation: bool = False
+    ) -> None:
+        self.samples, self.model, self.generation = loader.samples, model, generation
+        self.root, self.image_folder = loader.root, getattr(loader, "image_folder", "images")
+        self.image_aspect_ratio = image_aspect_ratio
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        has_image = "image" in sample
+        ids, labels = tokenize(
+            sample["conversations"],
+            self.model.template,
+            self.model.tokenizer,
+            has_image,
+            sample.get("id", index),
+            self.generation,
+        )
+        item: dict[str, Any] = {
+            "input_ids": ids,
+            "labels": labels,
+            "has_image": has_image,
+            "guide": guide_text(sample["conversations"]),
+            "id": sample.get("id", index),
+        }
+        if has_image:
+            image = decode_image(self.root / self.image_folder / sample["image"])
+            item["pixels"] = self.model.image_input(image, self.image_aspect_ratio)
+        return item
+
+
+class Collator:
+    """Pads ids/labels, expands each `<image>` placeholder to the model's vision-token count, stacks pixels."""
+
+    def __init__(self, model: Any, padding_side: str = "right") -> None:
+        self.model, self.padding_side = model, padding_side
+
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        expanded = [self.model.expand_placeholder(b["input_ids"], b["labels"]) for b in batch]
+        pad = self.model.tokenizer.pad_token_id
+        answers = None
+        if self.model.is_seq2seq:  # the prompt feeds the encoder; the answers are the decoder's labels
+            answers = [[t for t in labels if t != IGNORE_INDEX] for _, labels in expanded]
+            expanded = [
+                ([t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX],) * 2
+                for ids, labels in expanded
+            ]
+            expanded = [(ids, [IGNORE_INDEX] * len(ids)) for ids, _ in expanded]
+        length = max(len(ids) for ids, _ in expanded)
+        ids_out, lab_out, mask_out = [], [], []
+        for ids, labels in expanded:
+            n = length - len(ids)
+            fill_ids, fill_lab, fill_mask = [pad] * n, [IGNORE_INDEX] * n, [0] * n
+            if self.padding_side == "left":
+                (
+                    ids_out.append(fill_ids + ids),
+                    lab_out.append(fill_lab + labels),
+                    mask_out.append(fill_mask + [1] * len(ids)),
+                )
+            else:
+                (
+                    ids_out.append(ids + fill_ids),
+                    lab_out.append(labels + fill_lab),
+                    mask_out.append([1] * len(ids) + fill_mask),
+                )
+        out: dict[str, Any] = {
+            "input_ids": torch.tensor(ids_out),
+            "labels": torch.tensor(lab_out),
+            "attention_mask": torch.tensor(mask_out),
+            "has_image": torch.tensor([b["has_image"] for b in batch]),
+        }
+        if answers is not None:
+            width = max(1, max(len(a) for a in answers))
+            out["decoder_labels"] = torch.tensor([a + [IGNORE_INDEX] * (width - len(a)) for a in answers])
+        with_images = [b["pixels"] for b in batch if b["has_image"]]
+        if with_images:
+            out["pixel_values"] = collate_pixels(with_images)
+        if self.model.guide_tokenizer is not None:
+            enc = self.model.guide_tokenizer(
+                [b["guide"] for b in batch], padding=True, truncation=True, max_length=77, return_tensors="pt"
+            )
+            out["guide_ids"], out["guide_mask"] = enc.input_ids, enc.attention_mask
+        return out

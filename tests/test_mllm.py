@@ -1,0 +1,401 @@
+"""VisionLanguageModel: splicing and label masking token by token, every adapter's shapes and gradients,
+stage-1 learning, freezing, resume, save/load, TG-LLaVA's zero start, batched generation, and bad inputs."""
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vrlab.data.loaders import LlavaJsonLoader
+from vrlab.data.synthetic import write_llava
+from vrlab.errors import ShapeError, VrlabError
+from vrlab.mllm.adapters import save_projector
+from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN, tokenize
+from vrlab.mllm.data import Collator, ConversationDataset
+from vrlab.mllm.model import VisionLanguageModel, load_llm
+from vrlab.mllm.train import generate_batch, train
+from vrlab.tiny import build_llm, default_corpus, llava_texts, pretrain_llm
+
+QF = {"type": "qformer", "num_queries": 4, "hidden": 32, "layers": 2, "heads": 4}
+TG = {"type": "tg", "hidden": 32, "heads": 4}
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """32 generated caption/conversation samples in LLaVA JSON."""
+    root = tmp_path_factory.mktemp("llava")
+    write_llava(root, np.random.default_rng(0), 32, (96, 128))
+    return root
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory, llava):
+    """A tiny Llama whose tokenizer is trained on the generated text, pretrained on it as a language model."""
+    folder = tmp_path_factory.mktemp("llm") / "llama"
+    texts = llava_texts(llava)
+    build_llm(folder, corpus=texts + default_corpus())
+    pretrain_llm(folder, texts, steps=120)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return build_llm(tmp_path_factory.mktemp("t5") / "t5", kind="t5")
+
+
+@pytest.fixture(scope="module")
+def text_tower(tiny_root):
+    return {
+        "source": str(tiny_root / "models" / "sd"),
+        "model_subfolder": "text_encoder",
+        "tokenizer_subfolder": "tokenizer",
+    }
+
+
+def make(registry_dirs, llm, adapter, encoder="tiny/clip", **kw):
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(
+        encoder, str(llm), adapter, registry_cfg={"encoder_dirs": registry_dirs}, **kw
+    )
+
+
+@pytest.fixture
+def dirs(tiny_root):
+    return [str(tiny_root / "cards")]
+
+
+def batch_of(model, llava, file="conversations.json", n=3, indices=None):
+    ds = ConversationDataset(LlavaJsonLoader(llava, file), model)
+    return Collator(model)([ds[i] for i in (indices or range(n))])
+
+
+# --- splicing ---------------------------------------------------------------------------------------------
+def test_splicing_and_labels_token_by_token(dirs, llm_dir, llava):
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"}).eval()
+    tok = model.tokenizer
+    convs = [
+        {"from": "human", "value": "What is shown?\n<image>"},
+        {"from": "gpt", "value": "A red circle."},
+        {"from": "human", "value": "Colour?"},
+        {"from": "gpt", "value": "Red."},
+    ]
+    ids, labels = tokenize(convs, "vicuna_v1", tok, has_image=True)
+    ids, labels = model.expand_placeholder(ids, labels)
+    n = model.num_vision_tokens
+    assert n == 16
+    pos = [i for i, t in enumerate(ids) if t == model.image_token_id]
+    assert len(pos) == n and pos == list(range(pos[0], pos[0] + n))  # one contiguous block
+    # The placeholder moved to the front of its turn, right after "USER: ".
+    prefix = tok.decode(ids[: pos[0]])
+    assert prefix.endswith("USER: ") and "What is shown?" in tok.decode(ids[pos[-1] + 1 :])
+    # Labels: only the two answers (with </s>) are supervised, token for token.
+    answers = [
+        tok(" A red circle.</s>", add_special_tokens=False).input_ids,
+        tok(" Red.</s>", add_special_tokens=False).input_ids,
+    ]
+    supervised = [(i, t) for i, t in enumerate(labels) if t != IGNORE_INDEX]
+    assert [t for _, t in supervised] == answers[0] + answers[1]
+    assert all(ids[i] == t for i, t in supervised)
+    # Embeddings: vision tokens exactly at the placeholder block, the LLM's embeddings elsewhere.
+    image = torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8)
+    pixels = model.image_input(image).unsqueeze(0)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        embeds = model.embed(input_ids, pixels, torch.tensor([True]))
+        vision = model.encode_images(pixels)
+        table = model.llm.get_input_embeddings().weight
+    assert torch.equal(embeds[0, pos], vision[0])
+    other = [i for i in range(len(ids)) if i not in pos]
+    assert torch.equal(embeds[0, other], table[input_ids[0, other]])
+
+
+@pytest.mark.parametrize("template", ["plain", "chat_template"])
+def test_other_templates_mask_everything_but_answers(dirs, llm_dir, template):
+    model = make(dirs, llm_dir, {"type": "linear"})
+    convs = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A blue ring."}]
+    _, labels = tokenize(convs, template, model.tokenizer, has_image=True)
+    kept = model.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    assert kept.strip().startswith("A blue ring.") and "Describe" not in kept and IMAGE_TOKEN not in kept
+
+
+@pytest.mark.parametrize(
+    ("convs", "has_image", "message"),
+    [
+        (
+            [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}],
+            True,
+            "no '<image>' placeholder",
+        ),
+        (
+            [{"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "x"}],
+            True,
+            "2 '<image>' placeholders",
+        ),
+        (
+            [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+            False,
+            "placeholder but no image",
+        ),
+        (
+            [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<image>"}],
+            True,
+            "appears in an answer",
+        ),
+    ],
+)
+def test_placeholder_errors_name_the_sample(dirs, llm_dir, convs, has_image, message):
+    model = make(dirs, llm_dir, {"type": "linear"})
+    with pytest.raises(VrlabError, match=rf"sample 's7'.*{message}|{message}"):
+        tokenize(convs, "vicuna_v1", model.tokenizer, has_image, sample_id="s7")
+
+
+# --- adapters ----------------------------------------------------------------------------------------------
+ADAPTER_CASES = [
+    (a, e)
+    for a in ({"type": "linear"}, {"type": "mlp2x_gelu"}, QF, TG)
+    for e in ("tiny/clip", "tiny/clip.tiny/dinov2")
+]
+ADAPTER_CASES.append(
+    ({**TG, "detail": True, "detail_latents": 4}, "tiny/clip")
+)  # the detail branch tiles one encoder
+
+
+@pytest.mark.parametrize(("adapter", "encoder"), ADAPTER_CASES)
+def test_adapter_shapes_and_gradients(dirs, llm_dir, llava, text_tower, adapter, encoder):
+    model = make(dirs, llm_dir, adapter, encoder=encoder, text_tower=text_tower)
+    batch = batch_of(
+        model, llava, n=2, indices=[0, len(json.loads((llava / "conversations.json").read_text())) - 1]
+    )
+    assert batch["has_image"].tolist() == [True, False]  # one text-only sample in the batch
+    out = model(**batch)
+    width = model.llm.config.hidden_size
+    vision = model.encode_images(
+        batch["pixel_values"],
+        batch.get("guide_ids", None)[:1] if "guide_ids" in batch else None,
+        batch.get("guide_mask", None)[:1] if "guide_mask" in batch else None,
+    )
+    expected_tokens = {"qformer": 4}.get(adapter["type"], 16) + (4 if adapter.get("detail") else 0)
+    assert vision.shape == (1, expected_tokens, width) == (1, model.num_vision_tokens, width)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    out.loss.backward()
+    grads = [p.grad for p in model.adapter.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.encoder.parameters())  # frozen, no graph through it
+
+
+def test_tg_at_initialisation_equals_the_model_without_it(dirs, llm_dir, llava, text_tower):
+    tg = make(dirs, llm_dir, TG, text_tower=text_tower).eval()
+    plain = make(dirs, llm_dir, {"type": "mlp2x_gelu"}).eval()
+    plain.llm.load_state_dict(tg.llm.state_dict())
+    plain.adapter.net.load_state_dict(tg.adapter.projector.state_dict())
+    b_tg, b_plain = batch_of(tg, llava), batch_of(plain, llava)
+    assert torch.equal(b_tg["input_ids"], b_plain["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(tg(**b_tg).logits, plain(**b_plain).logits)
+        tg.adapter.zero.weight.normal_()  # once trained, the guidance changes the outputs
+        assert not torch.equal(tg(**b_tg).logits, plain(**b_plain).logits)
+
+
+def test_seq2seq_llm_gets_vision_tokens_in_its_encoder(dirs, t5_dir, llava):
+    model = make(dirs, t5_dir, QF, encoder="tiny/clip.tiny/dinov2")
+    batch = batch_of(model, llava, n=2)
+    assert "decoder_labels" in batch and (batch["labels"] == IGNORE_INDEX).all()
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["decoder_labels"].shape
+    out.loss.backward()
+    answers = generate_batch(
+        model.eval(), [torch.randint(0, 255, (3, 30, 30), dtype=torch.uint8)], ["What?"], 5
+    )
+    assert isinstance(answers[0], str)
+
+
+# --- training ----------------------------------------------------------------------------------------------
+def stage_args(**kw):
+    return {
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 8,
+        "num_train_epochs": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "lr_scheduler_type": "constant",
+        "seed": 0,
+        "disable_tqdm": True,
+        **kw,
+    }
+
+
+def caption_loss(model, llava, shuffle):
+    ds = ConversationDataset(LlavaJsonLoader(llava, "captions.json"), model)
+    items = [ds[i] for i in range(len(ds))]
+    if shuffle:
+        pixels = [it["pixels"] for it in items]
+        for it, p in zip(items, pixels[1:] + pixels[:1], strict=True):
+            it["pixels"] = p
+    with torch.no_grad():
+        return float(model.eval()(**Collator(model)(items)).loss)
+
+
+def test_stage1_lowers_the_loss_and_uses_the_image(dirs, llm_dir, llava, tmp_path):
+    # 64 px (8x8 tokens) instead of the card's 32 px: a random encoder needs the resolution to tell scenes apart.
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"}, template="plain", encoder_args={"image_size": 64})
+    dataset = ConversationDataset(LlavaJsonLoader(llava, "captions.json"), model)
+    result = train(model, dataset, tmp_path, 1, stage_args(num_train_epochs=20))
+    losses = result["losses"]
+    assert len(losses) == 80
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    # The adapter carries image information: captions are likelier with their own image than a shuffled one.
+    matched, shuffled = caption_loss(model, llava, shuffle=False), caption_loss(model, llava, shuffle=True)
+    # Random tiny encoders carry little about a scene (about 0.04 nats here); the direction must still hold.
+    assert matched < shuffled
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["type"] == "mlp2x_gelu" and saved["in_dim"] == 64 and saved["encoder"] == "tiny/clip"
+
+
+@pytest.mark.parametrize("mode", ["stage1", "stage2", "lora"])
+def test_only_the_intended_parameters_change(dirs, llm_dir, llava, tmp_path, mode):
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dataset = ConversationDataset(LlavaJsonLoader(llava, "conversations.json"), model)
+    stage = 1 if mode == "stage1" else 2
+    train(
+        model,
+        dataset,
+        tmp_path,
+        stage,
+        stage_args(max_steps=3, learning_rate=1e-3),
+        lora={"r": 4, "alpha": 8, "dropout": 0.0} if mode == "lora" else None,
+    )
+    # peft renames wrapped weights (llm.base_model.model.<name>, .base_layer); map them back to compare.
+    after = {
+        k.replace("llm.base_model.model.", "llm.").replace(".base_layer", ""): v
+        for k, v in model.state_dict().items()
+    }
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    groups = {k.split(".")[0] for k in changed}
+    assert "encoder" not in groups
+    assert "adapter" in groups
+    assert ("llm" in groups) == (mode == "stage2")  # LoRA leaves the base LLM weights untouched
+    if mode == "lora":
+        lora = [k for k in model.state_dict() if "lora_" in k]
+        after = model.state_dict()
+        assert lora and any(not torch.all(after[k] == 0) for k in lora if "lora_B" in k)
+
+
+def test_resume_continues_with_the_same_losses(dirs, llm_dir, llava, tmp_path):
+    def run(out, max_steps, resume=None):
+        model = make(dirs, llm_dir, {"type": "mlp2x_gelu"})
+        ds = ConversationDataset(LlavaJsonLoader(llava, "conversations.json"), model)
+        args = stage_args(
+            max_steps=max_steps, save_strategy="steps", save_steps=3, per_device_train_batch_size=4
+        )
+        return train(model, ds, out, 1, args, resume=resume)["losses"]
+
+    full = run(tmp_path / "full", 6)
+    run(tmp_path / "part", 3)
+    resumed = run(tmp_path / "part", 6, resume=str(tmp_path / "part" / "trainer" / "checkpoint-3"))
+    assert len(full) == 6
+    np.testing.assert_allclose(resumed[-3:], full[3:], rtol=1e-5)
+
+
+def test_from_pretrained_round_trip_gives_identical_logits(dirs, llm_dir, llava, tmp_path, text_tower):
+    for adapter in ({"type": "mlp2x_gelu"}, TG):
+        model = make(dirs, llm_dir, adapter, encoder="tiny/clip.tiny/dinov2", text_tower=text_tower).eval()
+        with torch.no_grad():
+            model.adapter.state_dict()[next(iter(model.adapter.state_dict()))].add_(
+                0.1
+            )  # not the initial weights
+        model.save_pretrained(tmp_path / adapter["type"])
+        loaded = VisionLanguageModel.from_pretrained(tmp_path / adapter["type"])
+        batch = batch_of(model, llava)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_batched_generation_equals_per_sample(dirs, llm_dir, photo_files):
+    from vrlab.data.images import decode_image
+
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"}).eval()
+    images = [decode_image(p) for p in photo_files[:3]] + [None]
+    prompts = ["What is in the image?", "How many shapes are there?", "Describe it.", "Name a shape."]
+    batched = generate_batch(model, images, prompts, max_new_tokens=8)
+    single = [
+        generate_batch(model, [im], [p], max_new_tokens=8)[0] for im, p in zip(images, prompts, strict=True)
+    ]
+    assert batched == single and all(isinstance(a, str) for a in batched)
+
+
+# --- bad inputs ------------------------------------------------------------------------------------------
+def test_adapter_checkpoint_that_does_not_fit_is_refused(dirs, llm_dir, tmp_path):
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"})
+    other = make(dirs, llm_dir, {"type": "mlp2x_gelu"}, encoder="tiny/eva02-clip")  # 192 wide
+    save_projector(other.adapter, tmp_path / "a", other.config_dict["adapter"])
+    with pytest.raises(ShapeError, match=r"expects input width 192 .*'tiny/clip' gives 64"):
+        model.load_adapter_checkpoint(tmp_path / "a")
+
+
+def test_llm_without_pad_token_pads_with_eos(tmp_path, llm_dir, caplog):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "nopad"
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    copy_model = load_llm(str(llm_dir))[0]
+    copy_model.save_pretrained(folder)
+    _, loaded = load_llm(str(folder))
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+    assert "no pad token" in caplog.text
+
+
+def test_missing_image_file_is_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "c.json").write_text(json.dumps([{"id": "q1", "image": "gone.png", "conversations": []}]))
+    with pytest.raises(VrlabError, match="gone.png"):
+        LlavaJsonLoader(tmp_path, "c.json")
+
+
+@pytest.mark.slow
+def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_root, tmp_path):
+    from vrlab.cli import run_task
+
+    common = [
+        f"paths.data={data_root}",
+        f"registry.encoder_dirs=[{dirs[0]}]",
+        "encoder=tiny/clip",
+        "llm=demo",
+        f"llm.source={llm_dir}",
+        "train.stage1.per_device_train_batch_size=4",
+        "train.stage2.per_device_train_batch_size=4",
+        "train.stage1.bf16=false",
+    ]
+    s1 = run_task(
+        compose_cfg(
+            "task=train", "stage=1", "train.data=synth-captions", f"train.out={tmp_path / 's1'}", *common
+        )
+    )
+    s2 = run_task(
+        compose_cfg(
+            "task=train",
+            "stage=2",
+            "train.data=synth-conversations",
+            f"train.out={tmp_path / 's2'}",
+            f"train.init_from={s1['saved']}",
+            *common,
+        )
+    )
+    assert Path(s2["saved"], "vlm_config.json").exists() and s1["tokens_per_second"] > 0
+    out = run_task(
+        compose_cfg(
+            "task=generate",
+            f"checkpoint={s2['saved']}",
+            f"generate.images=[{data_root / 'synthetic/llava/images'}]",
+            "generate.limit=2",
+            "generate.max_new_tokens=6",
+            *common,
+        )
+    )
+    assert len(out["answers"]) == 2
+    copy.deepcopy(out)
