@@ -19,7 +19,7 @@ TABLE ?= outputs/law/table.csv
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo perf law-ac law-fit clean
+.PHONY: help install test test-fast lint format demo perf law-ac law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -68,9 +68,16 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 		correspondence.protocol=law $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=alignment experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=demo_scores experiment=demo $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=law_table experiment=demo law.scores=outputs/law/demo_probe_scores.csv $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_table experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_policy experiment=demo $(DEMO_ARGS)
+	@# LMVR on the demo's stage-2 model: the aggregation sweep and the component comparison.
+	$(OFFLINE) $(VRLAB) -m task=probe experiment=demo_lmvr probe.token_set=all,image,prompt,last probe.pooling=mean,max \
+		probe.layer=-1,1 probe.moment=before,after $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=probe experiment=demo_lmvr probe.token_set=generated probe.pooling=mean,max \
+		probe.layer=-1,1 probe.moment=after $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=probe experiment=demo_lmvr probe.features=encoder,adapter $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=probe_table experiment=demo_lmvr $(DEMO_ARGS)
 
 perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)
@@ -84,6 +91,26 @@ law-fit: install ## fit the AC law on TABLE=<csv>, simulate the AC policy and ra
 	$(VRLAB) task=law_fit law.table=$(TABLE)
 	$(VRLAB) task=law_policy law.table=$(TABLE)
 	-$(VRLAB) task=law_recommend law.table=$(TABLE)
+
+CHECKPOINT ?= outputs/train/stage2/model
+lmvr-aggregation: install ## LMVR design-choice sweep on VOC2007 for CHECKPOINT (a stage-2 model)
+	$(VRLAB) -m task=probe experiment=lmvr_aggregation checkpoint=$(CHECKPOINT) probe.token_set=all,image,prompt,last \
+		probe.pooling=mean,max probe.layer=-1,1 probe.moment=before,after
+	$(VRLAB) -m task=probe experiment=lmvr_aggregation checkpoint=$(CHECKPOINT) probe.token_set=generated \
+		probe.pooling=mean,max probe.layer=-1,1 probe.moment=after
+	$(VRLAB) task=probe_table
+
+lmvr-components: install ## encoder vs adapter vs LLM features, multi-label VOC2007 and COCO, for CHECKPOINT
+	$(VRLAB) -m task=probe experiment=lmvr_components checkpoint=$(CHECKPOINT) probe.features=encoder,adapter,llm
+	$(VRLAB) -m task=probe experiment=lmvr_components checkpoint=$(CHECKPOINT) probe.features=encoder,adapter,llm \
+		probe.train=coco-train2017 'probe.test=[coco-val2017]'
+	$(VRLAB) task=probe_table
+
+lmvr-domain-shift: install ## probe trained on VisDA synthetic, tested on real, for CHECKPOINT
+	$(VRLAB) -m task=probe experiment=lmvr_domain_shift checkpoint=$(CHECKPOINT) probe.features=encoder,adapter,llm
+
+lmvr-robustness: install ## probe trained on clean images, tested on ImageNet-C, for CHECKPOINT
+	$(VRLAB) -m task=probe experiment=lmvr_robustness checkpoint=$(CHECKPOINT) probe.features=encoder,adapter,llm
 
 clean: ## remove demo files and outputs (keeps .venv)
 	rm -rf $(DEMO_ROOT) outputs .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ TASKS = {
     "make_benchmark": "vrlab.data.synthetic:make_benchmark_task",
     "extract": "vrlab.extract:extract_task",
     "perf": "vrlab.perf:perf_task",
+    "probe_perf": "vrlab.perf:probe_perf_task",
     "alignment": "vrlab.scores.alignment:alignment_task",
     "correspondence": "vrlab.scores.correspondence:correspondence_task",
     "law_table": "vrlab.scores.law:law_table_task",
@@ -34,6 +35,10 @@ TASKS = {
     "demo_llm": "vrlab.demo:demo_llm_task",
     "train": "vrlab.mllm.train:train_task",
     "generate": "vrlab.mllm.train:generate_task",
+    "lmvr_features": "vrlab.probes.lmvr:lmvr_features_task",
+    "probe": "vrlab.probes.linear:probe_task",
+    "probe_table": "vrlab.probes.linear:probe_table_task",
+    "attention": "vrlab.probes.attention:attention_task",
 }
 
 log = logging.getLogger("vrlab")

@@ -39,6 +39,12 @@ def store_key(settings: Mapping[str, Any]) -> str:
     return config_hash(settings, length=16)
 
 
+def is_complete(path: str | Path) -> bool:
+    """Whether a finished store exists at `path`."""
+    manifest = Path(path) / "manifest.json"
+    return manifest.exists() and bool(json.loads(manifest.read_text()).get("complete"))
+
+
 class StoreWriter:
     """Creates or resumes a store; `write_shard` is atomic; `finalize` completes the manifest."""
 

@@ -1,0 +1,1 @@
+"""LMVR probes: LLM hidden-state features, linear probes, attention maps."""

@@ -1,0 +1,157 @@
+"""Attention maps (`vrlab task=attention`): for chosen words of a generated response, the attention from the
+word's first token to the image tokens at one layer, averaged over heads, reshaped to the token grid,
+upsampled and overlaid on the image as a PNG. The LLM runs with eager attention only for this pass, since
+SDPA does not return attention weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vrlab.errors import VrlabError
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def word_attention(
+    model: Any,
+    image: torch.Tensor,
+    prompt: str,
+    layer: int = -1,
+    max_new_tokens: int = 24,
+    words: list[str] | None = None,
+) -> dict[str, Any]:
+    """Response text and, per word, an `[h, w]` map of head-averaged attention from its first token to the image."""
+    from vrlab.probes.lmvr import lmvr_batch, prompt_batch, token_masks
+
+    res = lmvr_batch(
+        model, [image], prompt, [layer], ["all"], ["mean"], ["after"], max_new_tokens
+    )  # generates
+    batch = prompt_batch(model, [image], prompt)
+    response_ids = model.tokenizer(res["texts"][0], add_special_tokens=False).input_ids
+    full = torch.cat([batch["input_ids"], torch.tensor([response_ids], dtype=torch.long)], dim=1)
+    att = torch.ones_like(full)
+    embeds = model.embed(
+        full, batch["pixel_values"], batch["has_image"], batch.get("guide_ids"), batch.get("guide_mask")
+    )
+    previous = model.llm.config._attn_implementation
+    model.llm.set_attn_implementation("eager")
+    try:
+        out = model.llm(inputs_embeds=embeds, attention_mask=att, output_attentions=True)
+    finally:
+        model.llm.set_attn_implementation(previous)
+    attn = out.attentions[layer][0].float().mean(0)  # [T, T], averaged over heads
+    image_pos = (
+        token_masks(full, att, batch["input_ids"].shape[1], model.image_token_id)["image"][0]
+        .nonzero()
+        .flatten()
+    )
+    if len(image_pos) != model.encoder.num_tokens:
+        raise VrlabError(
+            "attention maps need an adapter that keeps the encoder's token grid (linear, mlp2x_gelu, tg)"
+        )
+    start = batch["input_ids"].shape[1]
+    maps, found = {}, {}
+    offsets = _word_starts(model.tokenizer, response_ids)
+    for word, k in offsets:
+        if words and word.lower().strip(".,!?") not in {w.lower() for w in words}:
+            continue
+        row = attn[start + k]
+        maps[f"{word}@{k}"] = row[image_pos].reshape(model.encoder.grid)
+        found[f"{word}@{k}"] = float(row.sum())
+    return {
+        "text": res["texts"][0],
+        "maps": maps,
+        "row_sums": found,
+        "attention": attn,
+        "image_positions": image_pos,
+    }
+
+
+def _word_starts(tokenizer: Any, ids: list[int]) -> list[tuple[str, int]]:
+    """(word, index of its first token) for each whitespace-separated word of the decoded response."""
+    out, text = [], ""
+    for k in range(len(ids)):
+        piece = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+        if len(piece.split()) > len(text.split()) or (k == 0 and piece.strip()):
+            word = piece.split()[-1] if piece.split() else piece
+            out.append((word, k))
+        text = piece
+    full = tokenizer.decode(ids, skip_special_tokens=True).split()
+    return [(full[i] if i < len(full) else w, k) for i, (w, k) in enumerate(out)]
+
+
+def overlay(image: torch.Tensor, grid_map: torch.Tensor, path: Path, title: str) -> Path:
+    """Upsample a map over the padded square the model saw, crop it to the image, and save the overlay as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = image.shape[1:]
+    # The model saw the image padded to a square (LLaVA-1.5's pad): map the grid onto that square, then crop.
+    side = max(h, w)
+    heat = F.interpolate(
+        grid_map[None, None].float(), size=(side, side), mode="bilinear", align_corners=False
+    )[0, 0]
+    top, left = (side - h) // 2, (side - w) // 2
+    heat = heat[top : top + h, left : left + w]
+    fig, ax = plt.subplots(figsize=(4, 4 * h / w))
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def attention_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=attention checkpoint=... attention.image=<file> attention.words=[...]`."""
+    from vrlab.data.images import decode_image
+    from vrlab.mllm.model import VisionLanguageModel
+    from vrlab.runtime import resolve_device, run_dir, to_plain
+
+    if not cfg.checkpoint or not cfg.attention.image:
+        raise VrlabError("task=attention needs checkpoint=<stage-2 model> and attention.image=<file>")
+    model = VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device)).eval()
+    image = decode_image(cfg.attention.image)
+    res = word_attention(
+        model,
+        image,
+        cfg.generate.prompt,
+        cfg.attention.layer,
+        cfg.lmvr.max_new_tokens,
+        to_plain(cfg.attention.words) or None,
+    )
+    out = Path(
+        cfg.attention.out
+        or run_dir(
+            cfg.paths.outputs,
+            "attention",
+            Path(cfg.attention.image).stem,
+            {"ckpt": str(cfg.checkpoint), "layer": cfg.attention.layer},
+        )
+    )
+    files = [
+        str(
+            overlay(
+                image,
+                m,
+                out / f"{re.sub(r'[^A-Za-z0-9_@-]+', '_', k)}.png",
+                f"'{k}' (layer {cfg.attention.layer})",
+            )
+        )
+        for k, m in res["maps"].items()
+    ]
+    log.info("response: %s; %d maps -> %s", res["text"], len(files), out)
+    return {"text": res["text"], "files": files}
