@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score
 
 from vrlab.data.images import decode_image
 from vrlab.probes.linear import LinearProbe, average_precision, fit_and_evaluate, metrics, voc07_ap
-from vrlab.probes.lmvr import hidden_states, lmvr_batch, pool
+from vrlab.probes.lmvr import hidden_states, lmvr_batch, pool, prompt_batch
 
 
 # --- metrics and the probe ---------------------------------------------------------------------------------
@@ -111,8 +111,6 @@ def vlm(tiny_root, tmp_path_factory):
 
 
 def test_aggregation_equals_a_direct_computation(vlm, photo_files):
-    from vrlab.mllm.conversation import IMAGE_TOKEN, tokenize
-    from vrlab.mllm.data import Collator
 
     images = [decode_image(p) for p in photo_files[:2]]
     res = lmvr_batch(
@@ -127,26 +125,8 @@ def test_aggregation_equals_a_direct_computation(vlm, photo_files):
     )
     names = res["names"]
     assert res["llm"].shape == (2, len(names), vlm.llm.config.hidden_size) and len(names) == 2 * 2 * (5 + 4)
-    # Rebuild the sequences by hand: the prompt (left padded) then the generated tokens.
-    items = []
-    for image in images:
-        ids, labels = tokenize(
-            [{"from": "human", "value": f"{IMAGE_TOKEN}\nDescribe the image."}],
-            vlm.template,
-            vlm.tokenizer,
-            True,
-            generation=True,
-        )
-        items.append(
-            {
-                "input_ids": ids,
-                "labels": labels,
-                "has_image": True,
-                "guide": "",
-                "pixels": vlm.image_input(image),
-            }
-        )
-    batch = Collator(vlm, "left")(items)
+    # Rebuild the sequences: the prompt (left padded) then the generated tokens.
+    batch = prompt_batch(vlm, images, "Describe the image.")
     with torch.no_grad():
         new = vlm.generate(
             **{k: v for k, v in batch.items() if k != "labels"}, max_new_tokens=6, do_sample=False
@@ -187,28 +167,7 @@ def test_aggregation_equals_a_direct_computation(vlm, photo_files):
 
 
 def test_before_equals_the_first_rows_of_after(vlm, photo_files):
-    from vrlab.mllm.conversation import IMAGE_TOKEN, tokenize
-    from vrlab.mllm.data import Collator
-
-    items = []
-    for p in photo_files[:3]:
-        ids, labels = tokenize(
-            [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhat is it?"}],
-            vlm.template,
-            vlm.tokenizer,
-            True,
-            generation=True,
-        )
-        items.append(
-            {
-                "input_ids": ids,
-                "labels": labels,
-                "has_image": True,
-                "guide": "",
-                "pixels": vlm.image_input(decode_image(p)),
-            }
-        )
-    batch = Collator(vlm, "left")(items)
+    batch = prompt_batch(vlm, [decode_image(p) for p in photo_files[:3]], "What is it?")
     extra = torch.randint(5, 50, (3, 4))
     full = torch.cat([batch["input_ids"], extra], 1)
     att = torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1)
