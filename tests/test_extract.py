@@ -89,6 +89,22 @@ def test_unreadable_image_errors_or_is_skipped_and_listed(registry, folder_items
     torch.testing.assert_close(store.load(), direct.tokens)
 
 
+def test_a_shard_whose_images_are_all_skipped(registry, folder_items, tmp_path):
+    bad = []
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"not a png")
+        bad.append(Item(name, tmp_path / name))
+    items = [*bad, *folder_items[:3]]  # shard 0 = the two broken files, shard 1 = real images
+    encoder = registry.build("tiny/clip")
+    store = extract(encoder, items, tmp_path / "s", {}, shard_size=2, num_workers=0, on_bad_image="skip")
+    assert store.skipped == ["a.png", "b.png"] and store.ids == [it.id for it in folder_items[:3]]
+    assert store.manifest["shapes"]["tokens"] == [16, 64]
+    direct = encoder.encode_images([decode_image(it.path) for it in folder_items[:3]])
+    torch.testing.assert_close(store.load(), direct.tokens)
+    torch.testing.assert_close(torch.cat([t for _, t in store.batches(2)]), direct.tokens)
+    assert folder_items[0].id in store and "a.png" not in store
+
+
 def test_projector_checkpoint_is_applied_and_checked(registry, folder_items, tmp_path):
     encoder = registry.build("tiny/clip.tiny/dinov2")
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """VisionLanguageModel: splicing and label masking token by token, every adapter's shapes and gradients,
 stage-1 learning, freezing, resume, save/load, TG-LLaVA's zero start, batched generation, and bad inputs."""
 
-import copy
 import json
 from pathlib import Path
 
@@ -398,4 +397,3 @@ def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_ro
         )
     )
     assert len(out["answers"]) == 2
-    copy.deepcopy(out)

@@ -40,14 +40,12 @@ def demo_task(cfg: Any) -> dict[str, Any]:
 def demo_llm_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=demo_llm`: a tiny Llama whose tokenizer is trained on the generated benchmark's text, then
     pretrained on that text as a language model (real MLLMs start from a pretrained LLM)."""
+    from vrlab.runtime import seed_everything
     from vrlab.tiny import build_llm, default_corpus, llava_texts, pretrain_llm
 
     folder = Path(cfg.llm.source)
     texts = llava_texts(Path(cfg.paths.data) / "synthetic" / "llava")
-    torch_seed = cfg.seed
-    import torch
-
-    torch.manual_seed(torch_seed)
+    seed_everything(cfg.seed)
     build_llm(folder, corpus=texts + default_corpus())
     losses = pretrain_llm(folder, texts, steps=cfg.demo.llm_pretrain_steps, seed=cfg.seed)
     log.info("tiny LLM at %s: text pretraining loss %.3f -> %.3f", folder, losses[0], losses[-1])

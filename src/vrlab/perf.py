@@ -224,9 +224,7 @@ def probe_perf_task(cfg: Any) -> dict[str, Any]:
         torch.from_numpy(y[n_train:]),
     )
     start = time.perf_counter()
-    probe = LinearProbe(
-        True, weight_decays=[p.weight_decay], val_fraction=0.0001, max_iter=p.max_iter, seed=cfg.seed
-    )
+    probe = LinearProbe(True, weight_decays=[p.weight_decay], max_iter=p.max_iter, seed=cfg.seed)
     probe.fit(xt, yt)
     ours_s = time.perf_counter() - start
     ours_scores = probe.decision(xv).cpu()

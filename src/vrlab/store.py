@@ -138,7 +138,7 @@ class StoreWriter:
                         f"shard {self.path / shard_name(s)} belongs to another run; delete it and rerun"
                     )
                 index = f.get_tensor("index").tolist()
-                for key in ("tokens", "pooled"):
+                for key in ("tokens", "pooled") if index else ():  # a fully skipped shard has no shapes
                     if key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
                         shape = list(f.get_slice(key).get_shape())[1:]
                         if shapes.setdefault(key, shape) != shape:
@@ -187,6 +187,9 @@ class EmbeddingStore:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._position
+
     @property
     def settings(self) -> dict[str, Any]:
         return self.manifest["settings"]
@@ -226,7 +229,8 @@ class EmbeddingStore:
 
     def load(self, name: str = "tokens") -> torch.Tensor:
         """All rows of `tokens` or `pooled`, in stored order."""
-        return torch.cat([self._shard(s).get_tensor(name) for s in range(len(self.manifest["shards"]))])
+        shards = [s for s, sh in enumerate(self.manifest["shards"]) if sh["rows"]]
+        return torch.cat([self._shard(s).get_tensor(name) for s in shards])
 
     def batches(self, batch_size: int = 64, name: str = "tokens") -> Iterator[tuple[list[str], torch.Tensor]]:
         """(ids, tensor) batches in stored order; each shard is read once."""

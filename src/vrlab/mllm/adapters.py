@@ -54,6 +54,16 @@ def _qformer(hidden: int, layers: int, heads: int, encoder_hidden: int, cross_ev
     return Blip2QFormerModel(cfg)
 
 
+def cross_attend(qformer: nn.Module, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Learnable `queries` [1, Q, H] through a Q-Former attending to every `context` token [B, N, D]."""
+    mask = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
+    return qformer(
+        query_embeds=queries.expand(context.shape[0], -1, -1),
+        encoder_hidden_states=context,
+        encoder_attention_mask=mask,
+    ).last_hidden_state
+
+
 class QFormerAdapter(nn.Module):
     """BLIP-2: `num_queries` learnable queries cross-attend to the vision tokens; Linear to the LLM width."""
 
@@ -73,13 +83,7 @@ class QFormerAdapter(nn.Module):
         self.proj = nn.Linear(hidden, out_dim)
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-        out = self.qformer(
-            query_embeds=self.query.expand(tokens.shape[0], -1, -1),
-            encoder_hidden_states=tokens,
-            encoder_attention_mask=mask,
-        ).last_hidden_state
-        return self.proj(out)
+        return self.proj(cross_attend(self.qformer, self.query, tokens))
 
 
 class TGAdapter(nn.Module):
@@ -117,14 +121,7 @@ class TGAdapter(nn.Module):
 
     def guidance(self, text: torch.Tensor) -> torch.Tensor:
         """M = zero(Q-Former(latents | text)); `text` is the pooled text embedding [B, text_dim]."""
-        key = self.text_proj(text).unsqueeze(1)
-        mask = torch.ones(key.shape[:2], dtype=torch.long, device=key.device)
-        out = self.qformer(
-            query_embeds=self.latents.expand(text.shape[0], -1, -1),
-            encoder_hidden_states=key,
-            encoder_attention_mask=mask,
-        ).last_hidden_state
-        return self.zero(out)
+        return self.zero(cross_attend(self.qformer, self.latents, self.text_proj(text).unsqueeze(1)))
 
     def forward(
         self, tokens: torch.Tensor, text: torch.Tensor | None = None, tiles: torch.Tensor | None = None
@@ -140,13 +137,7 @@ class TGAdapter(nn.Module):
         if self.detail:
             if tiles is None:
                 raise VrlabError("tg adapter with detail=true needs the tile tokens of the 2x image")
-            ctx = tiles + self.tile_pos[:, : tiles.shape[1]]
-            mask = torch.ones(ctx.shape[:2], dtype=torch.long, device=ctx.device)
-            det = self.resampler(
-                query_embeds=self.detail_query.expand(ctx.shape[0], -1, -1),
-                encoder_hidden_states=ctx,
-                encoder_attention_mask=mask,
-            ).last_hidden_state
+            det = cross_attend(self.resampler, self.detail_query, tiles + self.tile_pos[:, : tiles.shape[1]])
             out = torch.cat([out, self.detail_proj(det)], dim=1)
         return out
 

@@ -59,7 +59,7 @@ def store_alignment(
     ids = candidate.ids[: n_images or None]
     if not ids:
         raise VrlabError(f"store {candidate.path} is empty")
-    missing = [i for i in ids if i not in reference._position]
+    missing = [i for i in ids if i not in reference]
     if missing:
         raise VrlabError(
             f"reference store {reference.path} lacks {len(missing)} of the candidate's images, e.g. {missing[:3]}"
