@@ -14,7 +14,7 @@ PERF_ENCODERS ?= random/vit-s16,tiny/clip,tiny/sd
 LAW_DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/sd3
 # The law paper's 13 representations (law.md §1); CLIP336+DINOv2 runs DINOv2 at 336 px.
 LAW_ENCODERS ?= clip336,clip224,openclip-l,dinov2-l,siglip-b,sdim,sd1.5,sd2.1,sdxl,dit,sd3,clip224.dinov2-l,clip336.dinov2-l-336
-PROJECTORS ?= checkpoints/stage1
+ADAPTERS ?= checkpoints/stage1
 TABLE ?= outputs/law/table.csv
 PYTEST_ARGS ?=
 
@@ -54,7 +54,7 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 	$(OFFLINE) $(VRLAB) -m task=features encoder=$(DEMO_ENCODERS) $(DEMO_ARGS) features.images=$(DEMO_ROOT)/images
 	$(OFFLINE) $(VRLAB) task=make_benchmark $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=extract encoder=$(DEMO_ENCODERS) benchmark=synth-voc-trainval $(DEMO_ARGS)
-	@# MLLM: a tiny LLM pretrained on the generated text; stage-1 projectors for every law candidate and both
+	@# MLLM: a tiny LLM pretrained on the generated text; stage-1 adapters for every law candidate and both
 	@# references; stage 2 on the conversations; answers for a few images.
 	$(OFFLINE) $(VRLAB) task=demo_llm experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=train stage=1 train.data=synth-captions experiment=demo \
@@ -65,7 +65,7 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 	@# The AC score and law: C, A on projected tokens, stand-in scores, the fit and the policy simulation.
 	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo encoder=tiny/clip,tiny/dinov2 \
-		correspondence.protocol=law $(DEMO_ARGS)
+		correspondence=law $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=alignment experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=demo_scores experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_table experiment=demo $(DEMO_ARGS)
@@ -82,9 +82,9 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)
 
-law-ac: install ## the law paper's C (protocol=law, SPair-71k) and A (stage-1 checkpoints in PROJECTORS) for its 13 representations
+law-ac: install ## the law paper's C (protocol=law, SPair-71k) and A (stage-1 adapters in ADAPTERS) for its 13 representations
 	$(VRLAB) -m task=correspondence experiment=law_ac encoder=$(LAW_ENCODERS)
-	VRLAB_PROJECTORS=$(PROJECTORS) $(VRLAB) -m task=alignment experiment=law_ac encoder=$(LAW_ENCODERS)
+	VRLAB_ADAPTERS=$(ADAPTERS) $(VRLAB) -m task=alignment experiment=law_ac encoder=$(LAW_ENCODERS)
 	$(VRLAB) task=law_table law.protocol=law
 
 law-fit: install ## fit the AC law on TABLE=<csv>, simulate the AC policy and rank untrained candidates

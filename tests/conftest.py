@@ -23,8 +23,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vrlab.demo.tiny_encoders import BUILDERS, build_tiny  # noqa: E402
 from vrlab.registry import Registry  # noqa: E402
-from vrlab.tiny import BUILDERS, build_tiny  # noqa: E402
 
 torch.set_num_threads(2)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

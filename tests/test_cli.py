@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from vrlab.cli import run_task
 from vrlab.data.images import decode_image
+from vrlab.encoders.factory import build_encoder
 from vrlab.errors import UnknownNameError, VrlabError
 from vrlab.registry import Registry
 
@@ -65,7 +66,7 @@ def test_features_task_on_a_composite(compose_cfg, tiny_root, photo_files):
     out_dir = Path(summary["output_dir"])
     saved = load_file(str(out_dir / "tokens.safetensors"))
     registry = Registry.from_dirs([tiny_root / "cards"])
-    direct = registry.build("tiny/clip.tiny/dinov2").encode_images(
+    direct = build_encoder(registry, "tiny/clip.tiny/dinov2").encode_images(
         [decode_image(p) for p in sorted(photo_files)]
     )
     torch.testing.assert_close(saved["tokens"], direct.tokens)
@@ -116,7 +117,7 @@ def test_new_family_by_config_only(compose_cfg, tmp_path, photo_files):
     # DeiT-distilled has two prefix tokens (CLS + distillation); only the 4x4 patch tokens remain, and they are
     # the last block's output (layer -1, before the final norm).
     assert summary["tokens_shape"] == [len(photo_files), 16, 48] and summary["grid"] == [4, 4]
-    encoder = Registry.from_dirs([tmp_path / "cards"]).build("deit-t")
+    encoder = build_encoder(Registry.from_dirs([tmp_path / "cards"]), "deit-t")
     pixels = encoder.transform(decode_image(photo_files[0])).unsqueeze(0)
     captured = {}
     hook = model.blocks[-1].register_forward_hook(lambda m, i, o: captured.update(x=o))

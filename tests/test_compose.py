@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vrlab.data.images import decode_image
+from vrlab.encoders.factory import build_encoder
 from vrlab.errors import ShapeError
 
 
@@ -14,10 +15,10 @@ def images(photo_files):
 
 
 def test_composite_concatenates_member_tokens(registry, images):
-    composite = registry.build("tiny/clip.tiny/dinov2")
+    composite = build_encoder(registry, "tiny/clip.tiny/dinov2")
     out = composite.encode_images(images)
-    clip = registry.build("tiny/clip").encode_images(images)
-    dino = registry.build("tiny/dinov2").encode_images(images)
+    clip = build_encoder(registry, "tiny/clip").encode_images(images)
+    dino = build_encoder(registry, "tiny/dinov2").encode_images(images)
     assert composite.dim == 128 and out.grid == (4, 4)
     torch.testing.assert_close(out.tokens, torch.cat([clip.tokens, dino.tokens], dim=-1))
     torch.testing.assert_close(out.pooled, torch.cat([clip.pooled, dino.pooled], dim=-1))
@@ -26,10 +27,10 @@ def test_composite_concatenates_member_tokens(registry, images):
 
 
 def test_each_member_keeps_its_own_transform(registry, images):
-    composite = registry.build("tiny/clip.tiny/siglip")
+    composite = build_encoder(registry, "tiny/clip.tiny/siglip")
     pixels = composite.transform(images[0])
-    clip_t = registry.build("tiny/clip").transform(images[0])
-    siglip_t = registry.build("tiny/siglip").transform(images[0])
+    clip_t = build_encoder(registry, "tiny/clip").transform(images[0])
+    siglip_t = build_encoder(registry, "tiny/siglip").transform(images[0])
     torch.testing.assert_close(pixels[0], clip_t)  # centre crop, CLIP statistics
     torch.testing.assert_close(pixels[1], siglip_t)  # squash, [-1, 1]
     assert not torch.allclose(pixels[0], pixels[1])
@@ -37,17 +38,19 @@ def test_each_member_keeps_its_own_transform(registry, images):
 
 def test_equal_policy_rejects_unequal_grids(registry):
     with pytest.raises(ShapeError) as err:
-        registry.build("tiny/clip.tiny/dinov2", overrides={"tiny/dinov2": {"image_size": 64}})
+        build_encoder(registry, "tiny/clip.tiny/dinov2", overrides={"tiny/dinov2": {"image_size": 64}})
     msg = str(err.value)
     assert "'tiny/clip' 4x4" in msg and "'tiny/dinov2' 8x8" in msg and "compose.align=interpolate" in msg
 
 
 def test_interpolate_policy_resamples_to_the_target_grid(registry, images):
     overrides = {"tiny/dinov2": {"image_size": 64}}
-    composite = registry.build("tiny/clip.tiny/dinov2", overrides=overrides, compose={"align": "interpolate"})
+    composite = build_encoder(
+        registry, "tiny/clip.tiny/dinov2", overrides=overrides, compose={"align": "interpolate"}
+    )
     out = composite.encode_images(images)
     assert out.grid == (4, 4) and out.tokens.shape == (2, 16, 128)
-    dino = registry.build("tiny/dinov2", overrides={"image_size": 64}).encode_images(images)
+    dino = build_encoder(registry, "tiny/dinov2", overrides={"image_size": 64}).encode_images(images)
     assert dino.grid == (8, 8)
     expected = (
         F.interpolate(dino.to_grid(), size=(4, 4), mode="bilinear", align_corners=False)
@@ -56,8 +59,11 @@ def test_interpolate_policy_resamples_to_the_target_grid(registry, images):
     )
     torch.testing.assert_close(out.tokens[..., 64:], expected)
     # An explicit target grid upsamples every member.
-    up = registry.build(
-        "tiny/clip.tiny/dinov2", overrides=overrides, compose={"align": "interpolate", "grid": [8, 8]}
+    up = build_encoder(
+        registry,
+        "tiny/clip.tiny/dinov2",
+        overrides=overrides,
+        compose={"align": "interpolate", "grid": [8, 8]},
     )
     out8 = up.encode_images(images)
     assert out8.grid == (8, 8)
@@ -65,7 +71,7 @@ def test_interpolate_policy_resamples_to_the_target_grid(registry, images):
 
 
 def test_normalize_makes_each_member_unit_length(registry, images):
-    composite = registry.build("tiny/clip.tiny/sd", compose={"normalize": True})
+    composite = build_encoder(registry, "tiny/clip.tiny/sd", compose={"normalize": True})
     tokens = composite.encode_images(images).tokens
     for part in (tokens[..., :64], tokens[..., 64:]):
         torch.testing.assert_close(part.norm(dim=-1), torch.ones(part.shape[:2]))
@@ -73,7 +79,7 @@ def test_normalize_makes_each_member_unit_length(registry, images):
 
 
 def test_settings_record_the_policy(registry):
-    composite = registry.build("tiny/clip.tiny/dinov2", compose={"normalize": True})
+    composite = build_encoder(registry, "tiny/clip.tiny/dinov2", compose={"normalize": True})
     settings = composite.settings()
     assert settings["backend"]["align"] == "equal" and settings["backend"]["normalize"] is True
     assert [m["source"] for m in settings["backend"]["members"]] == [

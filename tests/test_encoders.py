@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from vrlab.data.images import decode_image
+from vrlab.encoders.factory import build_encoder
 from vrlab.errors import VrlabError
 
-# family -> (grid, dim). Worked out from the tiny architectures in vrlab.tiny:
+# family -> (grid, dim). Worked out from the tiny architectures in vrlab.demo.tiny_encoders:
 #   ViTs: 32 px / patch 8 = 4x4, width 64; EVA02-CLIP: 56 px / patch 14 = 4x4, eva02_tiny width 192.
 #   SD UNets: 64 px -> 8x8 latents -> lowest level 2x2 -> up-block 0 upsamples to 4x4, 64 channels.
 #   DiT: 8x8 latents / patch 2 = 4x4 tokens of 32 -> space-to-depth 2x2 of 128.
@@ -44,7 +45,7 @@ def pixels_of(encoder, images):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_loads_through_registry_and_runs(family, registry, images):
     grid, dim = FAMILIES[family]
-    encoder = registry.build(f"tiny/{family}")
+    encoder = build_encoder(registry, f"tiny/{family}")
     assert encoder.card.family and encoder.card.name == f"tiny/{family}"
     out = encoder.encode_images(images)
     assert tuple(out.grid) == grid == tuple(encoder.grid)
@@ -53,13 +54,13 @@ def test_family_loads_through_registry_and_runs(family, registry, images):
     assert torch.isfinite(out.tokens).all()
     assert out.tokens.std() > 0  # not a constant map
     # Determinism: a second build from the same card gives bit-identical tokens.
-    again = registry.build(f"tiny/{family}").encode_images(images)
+    again = build_encoder(registry, f"tiny/{family}").encode_images(images)
     assert torch.equal(out.tokens, again.tokens)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_features_do_not_depend_on_batch_composition(family, registry, images):
-    encoder = registry.build(f"tiny/{family}")
+    encoder = build_encoder(registry, f"tiny/{family}")
     batch = encoder.encode_images(images).tokens
     alone = torch.cat([encoder.encode_images([img]).tokens for img in images])
     torch.testing.assert_close(alone, batch, atol=1e-4, rtol=1e-4)
@@ -67,9 +68,17 @@ def test_features_do_not_depend_on_batch_composition(family, registry, images):
 
 @pytest.mark.parametrize("family", sorted(DIFFUSION))
 def test_diffusion_seed_controls_noise(family, registry, images):
-    base = registry.build(f"tiny/{family}", overrides={"t": 500}).encode_images(images[:1]).tokens
-    same = registry.build(f"tiny/{family}", overrides={"t": 500, "seed": 0}).encode_images(images[:1]).tokens
-    other = registry.build(f"tiny/{family}", overrides={"t": 500, "seed": 1}).encode_images(images[:1]).tokens
+    base = build_encoder(registry, f"tiny/{family}", overrides={"t": 500}).encode_images(images[:1]).tokens
+    same = (
+        build_encoder(registry, f"tiny/{family}", overrides={"t": 500, "seed": 0})
+        .encode_images(images[:1])
+        .tokens
+    )
+    other = (
+        build_encoder(registry, f"tiny/{family}", overrides={"t": 500, "seed": 1})
+        .encode_images(images[:1])
+        .tokens
+    )
     assert torch.equal(base, same)
     assert not torch.allclose(base, other)
 
@@ -78,7 +87,7 @@ def test_diffusion_seed_controls_noise(family, registry, images):
 def test_hf_tokens_equal_hidden_states_of_the_library_model(family, registry, tiny_root, images):
     from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
-    encoder = registry.build(f"tiny/{family}")
+    encoder = build_encoder(registry, f"tiny/{family}")
     folder = tiny_root / "models" / family
     model_type = AutoConfig.from_pretrained(folder).model_type
     cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}.get(model_type, AutoModel)
@@ -91,7 +100,7 @@ def test_hf_tokens_equal_hidden_states_of_the_library_model(family, registry, ti
 
 
 def test_timm_tokens_equal_block_output(registry, images):
-    encoder = registry.build("tiny/eva02-timm")
+    encoder = build_encoder(registry, "tiny/eva02-timm")
     model = encoder.model
     captured = {}
     hook = model.blocks[-2].register_forward_hook(lambda m, i, o: captured.update(x=o))
@@ -104,7 +113,7 @@ def test_timm_tokens_equal_block_output(registry, images):
 
 
 def test_openclip_tokens_equal_trunk_block_output(registry, images):
-    encoder = registry.build("tiny/eva02-clip")
+    encoder = build_encoder(registry, "tiny/eva02-clip")
     trunk = encoder.visual.trunk
     captured = {}
     hook = trunk.blocks[-2].register_forward_hook(lambda m, i, o: captured.update(x=o))
@@ -126,7 +135,7 @@ def test_sd_features_equal_a_full_unet_pass(registry, tiny_root, images):
     """DIFT-style reference written with diffusers directly: no early stop, own hook, own noising."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    encoder = registry.build("tiny/sd", overrides={"latent": "mean", "t": 261})
+    encoder = build_encoder(registry, "tiny/sd", overrides={"latent": "mean", "t": 261})
     pipe = StableDiffusionPipeline.from_pretrained(tiny_root / "models" / "sd", safety_checker=None)
     pixels = pixels_of(encoder, images)
     with torch.no_grad():
@@ -146,7 +155,7 @@ def test_sd_features_equal_a_full_unet_pass(registry, tiny_root, images):
 def test_sd3_features_equal_a_full_transformer_pass(registry, tiny_root, images):
     from diffusers import StableDiffusion3Pipeline
 
-    encoder = registry.build("tiny/sd3", overrides={"latent": "mean", "t": 300})
+    encoder = build_encoder(registry, "tiny/sd3", overrides={"latent": "mean", "t": 300})
     pipe = StableDiffusion3Pipeline.from_pretrained(
         tiny_root / "models" / "sd3", text_encoder_3=None, tokenizer_3=None
     )
@@ -182,7 +191,7 @@ def test_sd3_features_equal_a_full_transformer_pass(registry, tiny_root, images)
 
 
 def test_dit_ignores_class_conditioning(registry, images):
-    encoder = registry.build("tiny/dit", overrides={"t": 400})
+    encoder = build_encoder(registry, "tiny/dit", overrides={"t": 400})
     pixels = pixels_of(encoder, images[:1])
     with torch.no_grad():
         a = encoder(pixels).tokens
@@ -197,14 +206,16 @@ def test_dit_ignores_class_conditioning(registry, images):
 
 
 def test_image_size_override_changes_the_grid(registry, images):
-    encoder = registry.build("tiny/clip", overrides={"image_size": 48})  # position embeddings interpolated
+    encoder = build_encoder(
+        registry, "tiny/clip", overrides={"image_size": 48}
+    )  # position embeddings interpolated
     out = encoder.encode_images(images[:1])
     assert out.grid == (6, 6) and out.tokens.shape == (1, 36, 64)
 
 
 def test_layer_out_of_range_is_a_clear_error(registry):
     with pytest.raises(VrlabError, match=r"tiny/clip.*layer=9 is out of range"):
-        registry.build("tiny/clip", overrides={"layer": 9})
+        build_encoder(registry, "tiny/clip", overrides={"layer": 9})
 
 
 def test_missing_weights_name_the_encoder(tmp_path: Path):
@@ -215,11 +226,11 @@ def test_missing_weights_name_the_encoder(tmp_path: Path):
     )
     registry = Registry.from_dirs([tmp_path], builtin=False)
     with pytest.raises(VrlabError, match=r"ghost/model.*ghost\.yaml"):
-        registry.build("ghost/model")
+        build_encoder(registry, "ghost/model")
 
 
 def test_non_finite_features_are_reported_with_the_encoder_name(registry, images):
-    encoder = registry.build("tiny/dinov2")
+    encoder = build_encoder(registry, "tiny/dinov2")
     with torch.no_grad():
         encoder.model.embeddings.patch_embeddings.projection.weight.fill_(float("nan"))
     with pytest.raises(VrlabError, match=r"tiny/dinov2.*non-finite tokens"):

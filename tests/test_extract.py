@@ -14,13 +14,15 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from vrlab.adapters import build_mlp, load_token_adapter
+from vrlab.checkpoint import save_adapter
 from vrlab.cli import run_task
 from vrlab.data.benchmarks import load_benchmark
 from vrlab.data.images import decode_image
 from vrlab.data.loaders import Item
+from vrlab.encoders.factory import build_encoder
 from vrlab.errors import ImageDecodeError, ShapeError, VrlabError
 from vrlab.extract import extract, rank_shards
-from vrlab.mllm.adapters import build_projector, load_projector, save_projector
 from vrlab.store import EmbeddingStore, StoreWriter
 
 VRLAB = Path(sys.executable).parent / "vrlab"
@@ -36,7 +38,7 @@ def folder_items(data_root):
 
 
 def test_store_round_trip_equals_direct_encoding(registry, folder_items, tmp_path):
-    encoder = registry.build("tiny/clip")
+    encoder = build_encoder(registry, "tiny/clip")
     store = extract(
         encoder, folder_items, tmp_path / "s", {"t": 1}, batch_size=5, shard_size=4, num_workers=0
     )
@@ -55,14 +57,14 @@ def test_store_round_trip_equals_direct_encoding(registry, folder_items, tmp_pat
 
 
 def test_workers_and_batch_size_do_not_change_the_store(registry, folder_items, tmp_path):
-    encoder = registry.build("tiny/dinov2")
+    encoder = build_encoder(registry, "tiny/dinov2")
     a = extract(encoder, folder_items, tmp_path / "a", {}, batch_size=12, shard_size=12, num_workers=0)
     b = extract(encoder, folder_items, tmp_path / "b", {}, batch_size=2, shard_size=5, num_workers=2)
     torch.testing.assert_close(a.load(), b.load(), atol=1e-5, rtol=1e-5)
 
 
 def test_incomplete_store_is_refused_and_resumed(registry, folder_items, tmp_path):
-    encoder = registry.build("tiny/siglip")
+    encoder = build_encoder(registry, "tiny/siglip")
     writer = StoreWriter(tmp_path / "s", {"x": 1}, [it.id for it in folder_items], shard_size=4)
     with pytest.raises(VrlabError, match=r"incomplete \(0/3 shards\)"):
         EmbeddingStore(tmp_path / "s")
@@ -80,7 +82,7 @@ def test_unreadable_image_errors_or_is_skipped_and_listed(registry, folder_items
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG garbage")
     items = [*folder_items[:3], Item("broken", bad), *folder_items[3:5]]
-    encoder = registry.build("tiny/clip")
+    encoder = build_encoder(registry, "tiny/clip")
     with pytest.raises(ImageDecodeError, match="broken.png"):
         extract(encoder, items, tmp_path / "e", {}, shard_size=4, num_workers=0)
     store = extract(encoder, items, tmp_path / "k", {}, shard_size=4, num_workers=0, on_bad_image="skip")
@@ -95,7 +97,7 @@ def test_a_shard_whose_images_are_all_skipped(registry, folder_items, tmp_path):
         (tmp_path / name).write_bytes(b"not a png")
         bad.append(Item(name, tmp_path / name))
     items = [*bad, *folder_items[:3]]  # shard 0 = the two broken files, shard 1 = real images
-    encoder = registry.build("tiny/clip")
+    encoder = build_encoder(registry, "tiny/clip")
     store = extract(encoder, items, tmp_path / "s", {}, shard_size=2, num_workers=0, on_bad_image="skip")
     assert store.skipped == ["a.png", "b.png"] and store.ids == [it.id for it in folder_items[:3]]
     assert store.manifest["shapes"]["tokens"] == [16, 64]
@@ -106,23 +108,23 @@ def test_a_shard_whose_images_are_all_skipped(registry, folder_items, tmp_path):
 
 
 def test_projector_checkpoint_is_applied_and_checked(registry, folder_items, tmp_path):
-    encoder = registry.build("tiny/clip.tiny/dinov2")
+    encoder = build_encoder(registry, "tiny/clip.tiny/dinov2")
     torch.manual_seed(0)
-    proj = build_projector("mlp2x_gelu", encoder.dim, 48)
-    save_projector(
+    proj = build_mlp("mlp2x_gelu", encoder.dim, 48)
+    save_adapter(
         proj,
         tmp_path / "stage1",
         {"type": "mlp2x_gelu", "in_dim": 128, "out_dim": 48, "encoder": encoder.name},
     )
-    loaded, config = load_projector(tmp_path / "stage1", expect_in_dim=128)
+    loaded, config = load_token_adapter(tmp_path / "stage1", expect_in_dim=128)
     assert config["encoder"] == "tiny/clip.tiny/dinov2"
-    store = extract(encoder, folder_items[:4], tmp_path / "s", {}, num_workers=0, projector=loaded)
+    store = extract(encoder, folder_items[:4], tmp_path / "s", {}, num_workers=0, adapter=loaded)
     with torch.no_grad():
         expected = proj(encoder.encode_images([decode_image(it.path) for it in folder_items[:4]]).tokens)
     torch.testing.assert_close(store.load(), expected)
     assert store.manifest["shapes"]["tokens"] == [16, 48]
     with pytest.raises(ShapeError, match=r"expects input width 128 .*'tiny/clip' gives 64"):
-        load_projector(tmp_path / "stage1", expect_in_dim=64, encoder="tiny/clip")
+        load_token_adapter(tmp_path / "stage1", expect_in_dim=64, encoder="tiny/clip")
 
 
 def test_extract_task_keys_the_folder_on_settings(compose_cfg, tiny_root, data_root, tmp_path):
@@ -254,4 +256,4 @@ def test_bad_image_in_a_real_layout_is_named(tmp_path, registry):
 
     items = ImageFolderLoader(tmp_path / "folder").items
     with pytest.raises(ImageDecodeError, match=r"bad\.png"):
-        extract(registry.build("tiny/clip"), items, tmp_path / "s", {}, num_workers=1)
+        extract(build_encoder(registry, "tiny/clip"), items, tmp_path / "s", {}, num_workers=1)

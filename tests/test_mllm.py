@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from vrlab.checkpoint import save_adapter
 from vrlab.data.loaders import LlavaJsonLoader
 from vrlab.data.synthetic import write_llava
+from vrlab.demo.tiny_llm import build_llm, default_corpus, llava_texts, pretrain_llm
 from vrlab.errors import ShapeError, VrlabError
-from vrlab.mllm.adapters import save_projector
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN, tokenize
 from vrlab.mllm.data import Collator, ConversationDataset
 from vrlab.mllm.model import VisionLanguageModel, load_llm
 from vrlab.mllm.train import generate_batch, train
-from vrlab.tiny import build_llm, default_corpus, llava_texts, pretrain_llm
 
 QF = {"type": "qformer", "num_queries": 4, "hidden": 32, "layers": 2, "heads": 4}
 TG = {"type": "tg", "hidden": 32, "heads": 4}
@@ -330,7 +330,7 @@ def test_batched_generation_equals_per_sample(dirs, llm_dir, photo_files):
 def test_adapter_checkpoint_that_does_not_fit_is_refused(dirs, llm_dir, tmp_path):
     model = make(dirs, llm_dir, {"type": "mlp2x_gelu"})
     other = make(dirs, llm_dir, {"type": "mlp2x_gelu"}, encoder="tiny/eva02-clip")  # 192 wide
-    save_projector(other.adapter, tmp_path / "a", other.config_dict["adapter"])
+    save_adapter(other.adapter, tmp_path / "a", other.config_dict["adapter"])
     with pytest.raises(ShapeError, match=r"expects input width 192 .*'tiny/clip' gives 64"):
         model.load_adapter_checkpoint(tmp_path / "a")
 

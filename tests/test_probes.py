@@ -97,8 +97,8 @@ def test_weight_decay_is_chosen_on_the_validation_split_and_is_seeded():
 # --- hidden-state aggregation ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vlm(tiny_root, tmp_path_factory):
+    from vrlab.demo.tiny_llm import build_llm
     from vrlab.mllm.model import VisionLanguageModel
-    from vrlab.tiny import build_llm
 
     folder = build_llm(tmp_path_factory.mktemp("lmvr") / "llm")
     torch.manual_seed(0)

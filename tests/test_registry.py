@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vrlab.encoders.factory import build_encoder
 from vrlab.errors import CardError, UnknownNameError
 from vrlab.registry import BUILTIN_ENCODER_DIR, ENV_ENCODER_DIRS, Registry, load_card
 
@@ -155,7 +156,7 @@ def test_declared_shape_is_checked_at_build(registry, tiny_root, tmp_path):
     path = write(tmp_path, "wrong.yaml", card)
     reg = Registry.from_dirs([tmp_path], builtin=False)
     with pytest.raises(CardError, match=r"declares dim=999.*gives dim=64") as err:
-        reg.build("tiny/clip-wrong")
+        build_encoder(reg, "tiny/clip-wrong")
     assert str(path) in str(err.value)
 
 

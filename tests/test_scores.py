@@ -15,11 +15,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import PolynomialFeatures
 
 from vrlab.data.loaders import Pair
+from vrlab.encoders.factory import build_encoder
 from vrlab.errors import ShapeError, VrlabError
 from vrlab.extract import extract
 from vrlab.scores.alignment import alignment, image_alignment
 from vrlab.scores.correspondence import match, pck, protocol_settings, to_frame
-from vrlab.scores.law import fit_law, read_table, recommend, region_order, simulate_policy, trainings_needed
+from vrlab.scores.law import fit_law, read_table
+from vrlab.scores.policy import recommend, region_order, simulate_policy, trainings_needed
 
 
 # --- A ------------------------------------------------------------------------------------------------
@@ -52,8 +54,8 @@ def test_stores_a_score_self_is_one_and_averages_references(registry, data_root,
 
     items = load_benchmark("synth-folder-test", data_root).items[:5]
     bench = {"benchmark": {"name": "synth-folder-test"}}
-    clip = extract(registry.build("tiny/clip"), items, tmp_path / "clip", bench, num_workers=0)
-    dino = extract(registry.build("tiny/dinov2"), items, tmp_path / "dino", bench, num_workers=0)
+    clip = extract(build_encoder(registry, "tiny/clip"), items, tmp_path / "clip", bench, num_workers=0)
+    dino = extract(build_encoder(registry, "tiny/dinov2"), items, tmp_path / "dino", bench, num_workers=0)
     self_a = alignment(clip, {"clip": clip}, n_images=5)
     assert abs(self_a["A"] - 1.0) < 1e-6  # fp32: exactly one up to rounding
     bf16 = alignment(clip, {"clip": clip}, n_images=5, dtype="bfloat16")
@@ -65,12 +67,12 @@ def test_stores_a_score_self_is_one_and_averages_references(registry, data_root,
     assert two["references"]["clip"]["n_images"] == 3
     assert abs(two["references"]["clip"]["A"] - direct) < 1e-5
     assert abs(two["A"] - (direct + 1.0) / 2) < 1e-5
-    few = extract(registry.build("tiny/clip"), items[:2], tmp_path / "few", bench, num_workers=0)
+    few = extract(build_encoder(registry, "tiny/clip"), items[:2], tmp_path / "few", bench, num_workers=0)
     with pytest.raises(VrlabError, match="lacks 3 of the candidate's images"):
         alignment(clip, {"few": few}, n_images=5)
     train = load_benchmark("synth-folder-train", data_root).items[:5]  # same ids, other images
     other = extract(
-        registry.build("tiny/clip"),
+        build_encoder(registry, "tiny/clip"),
         train,
         tmp_path / "o",
         {"benchmark": {"name": "synth-folder-train"}},
@@ -255,11 +257,9 @@ def test_correspondence_task_records_its_protocol(compose_cfg, tiny_root, data_r
         f"registry.encoder_dirs=[{tiny_root / 'cards'}]",
         "extract.num_workers=0",
     ]
-    law = run_task(compose_cfg(*base, "correspondence.protocol=law"))
+    law = run_task(compose_cfg(*base, "correspondence=law"))
     std = run_task(
-        compose_cfg(
-            *base, "correspondence.protocol=standard", "correspondence.flip=true", "correspondence.upsample=8"
-        )
+        compose_cfg(*base, "correspondence=standard", "correspondence.flip=true", "correspondence.upsample=8")
     )
     assert (
         law["settings"]["protocol"] == "law"

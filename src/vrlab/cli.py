@@ -9,41 +9,41 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from vrlab.errors import VrlabError
+from vrlab.resources import builtin_dir
 
 TASKS = {
-    "encoders": "vrlab.catalog:encoders_task",
-    "benchmarks": "vrlab.catalog:benchmarks_task",
-    "make_benchmark": "vrlab.data.synthetic:make_benchmark_task",
-    "extract": "vrlab.extract:extract_task",
-    "perf": "vrlab.perf:perf_task",
-    "probe_perf": "vrlab.perf:probe_perf_task",
-    "alignment": "vrlab.scores.alignment:alignment_task",
-    "correspondence": "vrlab.scores.correspondence:correspondence_task",
-    "law_table": "vrlab.scores.law:law_table_task",
-    "law_fit": "vrlab.scores.law:law_fit_task",
-    "law_policy": "vrlab.scores.law:law_policy_task",
-    "law_recommend": "vrlab.scores.law:law_recommend_task",
-    "features": "vrlab.features:features_task",
-    "demo": "vrlab.demo:demo_task",
-    "demo_scores": "vrlab.demo:demo_scores_task",
-    "demo_llm": "vrlab.demo:demo_llm_task",
-    "train": "vrlab.mllm.train:train_task",
-    "generate": "vrlab.mllm.train:generate_task",
-    "lmvr_features": "vrlab.probes.lmvr:lmvr_features_task",
-    "probe": "vrlab.probes.linear:probe_task",
-    "probe_table": "vrlab.probes.linear:probe_table_task",
-    "attention": "vrlab.probes.attention:attention_task",
+    "encoders": "vrlab.tasks.catalog:encoders_task",
+    "benchmarks": "vrlab.tasks.catalog:benchmarks_task",
+    "make_benchmark": "vrlab.tasks.data:make_benchmark_task",
+    "features": "vrlab.tasks.features:features_task",
+    "extract": "vrlab.tasks.extract:extract_task",
+    "perf": "vrlab.tasks.perf:perf_task",
+    "probe_perf": "vrlab.tasks.perf:probe_perf_task",
+    "alignment": "vrlab.tasks.scores:alignment_task",
+    "correspondence": "vrlab.tasks.scores:correspondence_task",
+    "law_table": "vrlab.tasks.law:law_table_task",
+    "law_fit": "vrlab.tasks.law:law_fit_task",
+    "law_policy": "vrlab.tasks.law:law_policy_task",
+    "law_recommend": "vrlab.tasks.law:law_recommend_task",
+    "demo": "vrlab.tasks.demo:demo_task",
+    "demo_scores": "vrlab.tasks.demo:demo_scores_task",
+    "demo_llm": "vrlab.tasks.demo:demo_llm_task",
+    "train": "vrlab.tasks.train:train_task",
+    "generate": "vrlab.tasks.train:generate_task",
+    "lmvr_features": "vrlab.tasks.probe:lmvr_features_task",
+    "probe": "vrlab.tasks.probe:probe_task",
+    "probe_table": "vrlab.tasks.probe:probe_table_task",
+    "attention": "vrlab.tasks.probe:attention_task",
 }
 
 log = logging.getLogger("vrlab")
 # An absolute path: Hydra reads a relative one inside a package as a module path.
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = builtin_dir("conf").resolve()
 
 
 def run_task(cfg: DictConfig) -> object:
@@ -55,8 +55,34 @@ def run_task(cfg: DictConfig) -> object:
     return getattr(importlib.import_module(module), func)(cfg)
 
 
+class _OwnRecordsOnly(logging.Filter):
+    """The terminal shows vrlab's own records and other libraries' errors; the log file keeps everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("vrlab") or record.levelno >= logging.ERROR
+
+
+def quiet_libraries() -> None:
+    """Send library chatter (warnings, transformers/diffusers notices, load bars) to the job's log file only."""
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_OwnRecordsOnly())
+    for lib in ("transformers", "diffusers"):
+        try:
+            lib_logging = importlib.import_module(f"{lib}.utils.logging")
+        except ImportError:  # pragma: no cover - both are dependencies
+            continue
+        lib_logging.disable_default_handler()  # their own stderr handler bypasses the root's filters
+        lib_logging.enable_propagation()
+        if hasattr(lib_logging, "disable_progress_bar"):
+            lib_logging.disable_progress_bar()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> object:
+    if not cfg.get("verbose", False):
+        quiet_libraries()
     try:
         return run_task(cfg)
     except VrlabError as exc:

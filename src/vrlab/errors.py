@@ -26,4 +26,4 @@ class ImageDecodeError(VrlabError):
 
 
 class ShapeError(VrlabError):
-    """Tensors whose shapes cannot be combined (grids, widths, projector inputs)."""
+    """Tensors whose shapes cannot be combined (grids, widths, adapter inputs)."""

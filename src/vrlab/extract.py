@@ -1,5 +1,7 @@
-"""`vrlab task=extract`: run an encoder (optionally followed by a stage-1 projector) over a benchmark into an
-EmbeddingStore.
+"""Extraction: run an encoder (optionally followed by a stage-1 adapter) over a benchmark into an EmbeddingStore.
+
+`run_extraction(ExtractionRequest(...))` is the whole job by names (it reuses a finished store with the same
+key); `extract(encoder, items, path, settings)` is the loop itself for an encoder already built.
 
 DataLoader workers decode and resize; the model runs batched under `inference_mode` (bf16 autocast and SDPA
 on GPU); finished shards go to a background writer thread, so the model does not wait on the disk. Batches
@@ -13,6 +15,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from vrlab.data.images import decode_image
 from vrlab.data.loaders import Item
 from vrlab.encoders.base import VisionEncoder, autocast_context, collate_pixels, move_pixels
 from vrlab.errors import ImageDecodeError, VrlabError
+from vrlab.runtime import resolve_device, slug, to_plain
 from vrlab.store import EmbeddingStore, StoreWriter, store_key
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ def extract(
     dtype: str = "auto",
     store_dtype: str = "float32",
     on_bad_image: str = "error",
-    projector: torch.nn.Module | None = None,
+    adapter: torch.nn.Module | None = None,
     progress: bool = True,
     rank: int = 0,
     world: int = 1,
@@ -132,11 +136,11 @@ def extract(
                 if pixels is not None:
                     with autocast_context(device, dtype):
                         out = encoder(move_pixels(pixels, device)).check_finite(encoder.name)
-                        tokens = projector(out.tokens) if projector is not None else out.tokens
+                        tokens = adapter(out.tokens) if adapter is not None else out.tokens
                     acc["index"].append(index)
                     acc["tokens"].append(tokens.float().cpu())
                     acc["pooled"].append(
-                        None if out.pooled is None or projector is not None else out.pooled.float().cpu()
+                        None if out.pooled is None or adapter is not None else out.pooled.float().cpu()
                     )
                 bar.update(len(index) + len(bad))
                 if sum(len(i) for i in acc["index"]) + len(acc["skipped"]) == len(writer.shard_range(shard)):
@@ -170,7 +174,7 @@ def extraction_settings(
     benchmark: Any,
     device: torch.device,
     dtype: str,
-    projector: Mapping[str, Any] | None,
+    adapter: Mapping[str, Any] | None,
     seed: int,
 ) -> dict[str, Any]:
     """Everything that changes the stored numbers (the data root is left out: moving the data keeps the store)."""
@@ -180,90 +184,85 @@ def extraction_settings(
         "encoder": encoder.settings(),
         "benchmark": {"name": benchmark.card.name, "spec": spec},
         "compute": compute,
-        "projector": projector,
+        "projector": adapter,  # the key's old name, kept so existing stores keep their keys
         "seed": seed,
     }
 
 
-def extract_store(
-    cfg: Any,
-    encoder_name: str,
-    benchmark_name: str,
-    projector_path: str | None = None,
-    *,
-    limit: int | None = None,
-    encoder_args: Mapping[str, Any] | None = None,
-    compose: Mapping[str, Any] | None = None,
-    benchmark_args: Mapping[str, Any] | None = None,
-    distributed: bool = False,
-) -> EmbeddingStore | None:
-    """Extract (or reuse) the store of `encoder_name` on `benchmark_name` with the config's settings.
+@dataclass(frozen=True)
+class ExtractionRequest:
+    """What to extract and how: names, overrides and the settings of the extraction loop.
 
-    `limit` keeps the first N items (the A score uses the first 100 images of each benchmark). The store
-    folder is `<outputs>/stores/<benchmark>/<encoder>-<key>` unless `extract.out` is set. Returns None on
-    ranks other than 0.
+    `registry` is the `registry` config section (`encoder_dirs`, `benchmark_dirs`, `builtin`); `out`
+    defaults to `<outputs>/stores/<benchmark>/<encoder>-<key>`; `limit` keeps the first N items (the A
+    score uses the first 100 images of each benchmark).
     """
-    from vrlab.data.benchmarks import load_benchmark
-    from vrlab.mllm.adapters import file_digest, load_projector
-    from vrlab.registry import Registry
-    from vrlab.runtime import resolve_device, slug, to_plain
 
+    encoder: str
+    benchmark: str
+    adapter: str | None = None
+    limit: int | None = None
+    encoder_args: Mapping[str, Any] = field(default_factory=dict)
+    compose: Mapping[str, Any] = field(default_factory=dict)
+    benchmark_args: Mapping[str, Any] = field(default_factory=dict)
+    registry: Mapping[str, Any] = field(default_factory=dict)
+    data_root: str = "data"
+    outputs: str = "outputs"
+    out: str | None = None
+    batch_size: int = 32
+    shard_size: int = 256
+    num_workers: int = 2
+    store_dtype: str = "float32"
+    on_bad_image: str = "error"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+
+
+def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> EmbeddingStore | None:
+    """Extract (or reuse) the store of `request.encoder` on `request.benchmark`; None on ranks other than 0."""
+    from vrlab.adapters import load_token_adapter
+    from vrlab.checkpoint import file_digest
+    from vrlab.data.benchmarks import load_benchmark
+    from vrlab.encoders.factory import load_encoder
+
+    r = request
     rank, world = distributed_context() if distributed else (0, 1)
-    device = resolve_device(cfg.device)
+    device = resolve_device(r.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    benchmark = load_benchmark(
-        benchmark_name,
-        cfg.paths.data,
-        to_plain(cfg.registry),
-        to_plain(benchmark_args if benchmark_args is not None else cfg.benchmark_args),
-    )
-    registry = Registry.from_config(to_plain(cfg.registry))
+    registry = to_plain(r.registry)
+    benchmark = load_benchmark(r.benchmark, r.data_root, registry, to_plain(r.benchmark_args))
     encoder = (
-        registry.build(
-            encoder_name,
-            to_plain(encoder_args if encoder_args is not None else cfg.encoder_args),
-            to_plain(compose if compose is not None else cfg.compose),
-        )
+        load_encoder(r.encoder, to_plain(r.encoder_args), to_plain(r.compose), registry=registry)
         .to(device)
         .eval()
     )
-    projector, projector_info = None, None
-    if projector_path:
-        projector, pcfg = load_projector(projector_path, expect_in_dim=encoder.dim, encoder=encoder.name)
-        projector = projector.to(device)
-        if pcfg.get("encoder") and pcfg["encoder"] != encoder.name:
-            log.warning(
-                "projector %s was trained on '%s', not '%s'", projector_path, pcfg["encoder"], encoder.name
-            )
-        projector_info = {"config": pcfg, "weights": file_digest(projector_path)}
-    items = benchmark.items[:limit] if limit else benchmark.items
-    settings = extraction_settings(encoder, benchmark, device, cfg.dtype, projector_info, cfg.seed)
-    key = store_key(
-        {
-            "settings": settings,
-            "ids": [it.id for it in items],
-            "shard_size": cfg.extract.shard_size,
-            "dtype": cfg.extract.store_dtype,
-        }
-    )
-    default = (
-        Path(cfg.paths.outputs) / "stores" / slug(benchmark.card.name) / f"{slug(encoder.name)}-{key[:12]}"
-    )
-    path = Path(cfg.extract.out or default)
+    adapter, adapter_info = None, None
+    if r.adapter:
+        adapter, acfg = load_token_adapter(r.adapter, expect_in_dim=encoder.dim, encoder=encoder.name)
+        adapter = adapter.to(device)
+        if acfg.get("encoder") and acfg["encoder"] != encoder.name:
+            log.warning("adapter %s was trained on '%s', not '%s'", r.adapter, acfg["encoder"], encoder.name)
+        adapter_info = {"config": acfg, "weights": file_digest(r.adapter)}
+    items = benchmark.items[: r.limit] if r.limit else benchmark.items
+    settings = extraction_settings(encoder, benchmark, device, r.dtype, adapter_info, r.seed)
+    key = store_key(settings, [it.id for it in items], r.shard_size, r.store_dtype)
+    default = Path(r.outputs) / "stores" / slug(benchmark.card.name) / f"{slug(encoder.name)}-{key[:12]}"
+    path = Path(r.out or default)
     store = extract(
         encoder,
         items,
         path,
         settings,
-        batch_size=cfg.extract.batch_size,
-        shard_size=cfg.extract.shard_size,
-        num_workers=cfg.extract.num_workers,
+        batch_size=r.batch_size,
+        shard_size=r.shard_size,
+        num_workers=r.num_workers,
         device=device,
-        dtype=cfg.dtype,
-        store_dtype=cfg.extract.store_dtype,
-        on_bad_image=cfg.data.on_bad_image,
-        projector=projector,
+        dtype=r.dtype,
+        store_dtype=r.store_dtype,
+        on_bad_image=r.on_bad_image,
+        adapter=adapter,
         rank=rank,
         world=world,
     )
@@ -276,28 +275,3 @@ def extract_store(
             len(store.skipped),
         )
     return store
-
-
-def extract_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=extract`; under torchrun/accelerate each rank extracts its slice of shards."""
-    from vrlab.runtime import seed_everything
-
-    seed_everything(cfg.seed)
-    rank, world = distributed_context()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        store = extract_store(
-            cfg, cfg.encoder, cfg.benchmark, cfg.extract.projector, limit=cfg.extract.limit, distributed=True
-        )
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    if store is None:
-        return {"rank": rank}
-    return {
-        "path": str(store.path),
-        "items": len(store),
-        "skipped": store.skipped,
-        "shapes": store.manifest["shapes"],
-    }

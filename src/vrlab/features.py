@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vrlab.data.images import decode_image, list_images
+from vrlab.data.images import decode_image
 from vrlab.encoders.base import VisionEncoder, autocast_context, collate_pixels, move_pixels
-from vrlab.registry import Registry
-from vrlab.runtime import (
-    atomic_write_json,
-    library_versions,
-    resolve_device,
-    run_dir,
-    seed_everything,
-    to_plain,
-)
 
 log = logging.getLogger(__name__)
 
@@ -78,69 +65,3 @@ def run_features(
         tokens.append(out.tokens.float().cpu())
         pooled.append(None if out.pooled is None else out.pooled.float().cpu())
     return torch.cat(tokens), (torch.cat(pooled) if all(p is not None for p in pooled) else None)
-
-
-def features_task(cfg: Any) -> dict[str, Any]:
-    """Run `cfg.encoder` on `cfg.features.images`; print a table and write summary.json."""
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    registry = Registry.from_config(cfg.registry)
-    encoder = registry.build(cfg.encoder, to_plain(cfg.encoder_args), to_plain(cfg.compose)).to(device).eval()
-    paths = list_images(cfg.features.images)[: cfg.features.limit or None]
-    tokens, pooled = run_features(encoder, paths, cfg.features.batch_size, str(device), cfg.dtype)
-    members = [
-        {"name": name, "channels": [s.start, s.stop], **token_stats(tokens[..., s])}
-        for name, s in member_slices(encoder)
-    ]
-    summary = {
-        "encoder": encoder.name,
-        "images": len(paths),
-        "image_folder": str(cfg.features.images),
-        "tokens_shape": list(tokens.shape),
-        "grid": list(encoder.grid),
-        "dim": encoder.dim,
-        "pooled_shape": None if pooled is None else list(pooled.shape),
-        "device": str(device),
-        "dtype": cfg.dtype,
-        "stats": token_stats(tokens),
-        "members": members,
-        "digest": digest(tokens),
-        "settings": encoder.settings(),
-        "seed": cfg.seed,
-        "versions": library_versions(),
-    }
-    out_dir = run_dir(
-        cfg.paths.outputs,
-        "features",
-        encoder.name,
-        {
-            "settings": encoder.settings(),
-            "images": [str(p) for p in paths],
-            "dtype": cfg.dtype,
-            "device": device.type,
-        },
-    )
-    if cfg.features.save_tokens:
-        tmp = out_dir / ".tokens.safetensors.tmp"
-        tensors = {"tokens": tokens.contiguous()} | (
-            {"pooled": pooled.contiguous()} if pooled is not None else {}
-        )
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out_dir / "tokens.safetensors")
-    atomic_write_json(out_dir / "summary.json", summary)
-    table = Table(
-        title=f"{encoder.name}: {len(paths)} images -> tokens {list(tokens.shape)}, grid "
-        f"{encoder.grid[0]}x{encoder.grid[1]}, pooled {summary['pooled_shape']}"
-    )
-    for col in ("member", "channels", "mean", "std", "min", "max", "token norm"):
-        table.add_column(col)
-    for m in members:
-        table.add_row(
-            m["name"],
-            f"{m['channels'][0]}:{m['channels'][1]}",
-            *(f"{m[k]:.4f}" for k in ("mean", "std", "min", "max", "token_norm")),
-        )
-    Console(width=160).print(table)
-    log.info("digest %s; summary written to %s", summary["digest"], out_dir / "summary.json")
-    summary["output_dir"] = str(out_dir)
-    return summary

@@ -1,4 +1,4 @@
-"""Find encoder and benchmark cards, resolve names, aliases and dot-joined compositions, and build from them.
+"""Find encoder and benchmark cards and resolve names, aliases and dot-joined compositions; it builds nothing.
 
 A card is one YAML file: metadata (`name`, `aliases`, `family`, `description`, optional `dim` and `grid` at
 the default size) plus a Hydra-instantiable spec (`_target_` and the backend's arguments). Cards come from
@@ -8,7 +8,8 @@ a folder, a list of folders, or a callable returning either. Benchmark cards wor
 `registry.benchmark_dirs`, `VRLAB_BENCHMARK_DIRS`, entry-point group `vrlab.benchmarks`).
 
 Names may contain dots (`sd2.1`, timm tags), so `a.b.c` is split on the longest registered names, not on
-every dot; a part that matches nothing raises an error listing the closest names.
+every dot; a part that matches nothing raises an error listing the closest names. Building an encoder from a
+card is `vrlab.encoders.factory`; building a benchmark loader is `vrlab.data.benchmarks`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import difflib
 import fnmatch
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -25,10 +26,11 @@ from typing import Any
 
 import yaml
 
-from vrlab.errors import CardError, UnknownNameError, VrlabError
+from vrlab.errors import CardError, UnknownNameError
+from vrlab.resources import builtin_dir
+from vrlab.runtime import to_plain
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-BUILTIN_ENCODER_DIR = PROJECT_ROOT / "encoders"
+BUILTIN_ENCODER_DIR = builtin_dir("encoders")
 ENV_ENCODER_DIRS = "VRLAB_ENCODER_DIRS"
 ENTRY_POINT_GROUP = "vrlab.encoders"
 METADATA_KEYS = ("name", "aliases", "family", "description", "dim", "grid", "task", "metric")
@@ -52,7 +54,7 @@ KINDS = {
     ),
     "benchmark": CardKind(
         "benchmark",
-        PROJECT_ROOT / "benchmarks",
+        builtin_dir("benchmarks"),
         "VRLAB_BENCHMARK_DIRS",
         "vrlab.benchmarks",
         "benchmark_dirs",
@@ -62,73 +64,77 @@ KINDS = {
 
 
 @dataclass(frozen=True)
-class EncoderCard:
-    """One registered vision representation: metadata plus the spec that builds it."""
+class Card:
+    """One card file: metadata plus the spec (`_target_` and its arguments) that builds the object."""
 
     name: str
     spec: Mapping[str, Any]
     family: str = "unknown"
     aliases: tuple[str, ...] = ()
     description: str = ""
-    dim: int | None = None
-    grid: tuple[int, int] | None = None
     path: Path | None = None
-    members: tuple[EncoderCard, ...] = field(default=())
     meta: Mapping[str, Any] = field(default_factory=dict)  # other metadata (benchmarks: task, metric)
 
     @property
     def source(self) -> str:
-        """Hub id or local path the weights come from."""
-        if self.members:
-            return " + ".join(m.source for m in self.members)
+        """Hub id or local path the weights or data come from."""
         return str(self.spec.get("source", ""))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for manifests and hashes); the file path is left out so moved cards hash the same."""
-        out: dict[str, Any] = {
-            "name": self.name,
-            "family": self.family,
-            "spec": _plain(self.spec),
-            **_plain(self.meta),
-        }
+        return {"name": self.name, "family": self.family, "spec": to_plain(self.spec), **to_plain(self.meta)}
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Card:
+        """A copy whose spec has `overrides` applied (for example `image_size`, `layer` or `split`)."""
+        if not overrides:
+            return self
+        return replace(self, spec={**self.spec, **overrides})
+
+
+@dataclass(frozen=True)
+class EncoderCard(Card):
+    """A vision representation: a card plus its declared shape and, for composites, its member cards."""
+
+    dim: int | None = None
+    grid: tuple[int, int] | None = None
+    members: tuple[EncoderCard, ...] = ()
+
+    @property
+    def source(self) -> str:
+        if self.members:
+            return " + ".join(m.source for m in self.members)
+        return super().source
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
         if self.members:
             out["members"] = [m.to_dict() for m in self.members]
         return out
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> EncoderCard:
-        """A copy whose spec has `overrides` applied (for example `image_size` or `layer`)."""
         if not overrides:
             return self
-        spec = dict(self.spec)
-        spec.update(overrides)
-        return EncoderCard(
-            name=self.name,
-            spec=spec,
-            family=self.family,
-            aliases=self.aliases,
-            description=self.description,
-            path=self.path,
-            meta=self.meta,
-            # declared shapes describe the defaults only
-            dim=None if overrides else self.dim,
-            grid=None if overrides else self.grid,
-        )
+        # declared shapes describe the defaults only
+        return replace(self, spec={**self.spec, **overrides}, dim=None, grid=None)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+@dataclass(frozen=True)
+class BenchmarkCard(Card):
+    """A benchmark: a loader spec (`_target_`, `root`, split...) plus its task kind and metric."""
+
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "?"))
+
+    @property
+    def metric(self) -> str:
+        return str(self.meta.get("metric", "?"))
 
 
-Card = EncoderCard  # the same dataclass serves benchmark cards
+CARD_CLASSES: dict[str, type[Card]] = {"encoder": EncoderCard, "benchmark": BenchmarkCard}
 
 
-def load_card(path: Path, kind: str = "encoder") -> EncoderCard:
+def load_card(path: Path, kind: str = "encoder") -> Card:
     """Read and validate one card file; errors name the file and the key at fault."""
     try:
         data = yaml.safe_load(path.read_text())
@@ -153,17 +159,18 @@ def load_card(path: Path, kind: str = "encoder") -> EncoderCard:
     if dim is not None and not isinstance(dim, int):
         raise CardError(f"{kind} card {path}: 'dim' must be an integer, got {dim!r}")
     spec = {k: v for k, v in data.items() if k not in METADATA_KEYS}
-    return EncoderCard(
+    common: dict[str, Any] = dict(
         name=data["name"].strip(),
         spec=spec,
         family=str(data.get("family", "unknown")),
         aliases=tuple(aliases),
         description=str(data.get("description", "")).strip(),
-        dim=dim,
-        grid=grid,
         path=path,
         meta={k: data[k] for k in ("task", "metric") if k in data},
     )
+    if kind == "encoder":
+        return EncoderCard(**common, dim=dim, grid=grid)
+    return CARD_CLASSES[kind](**common)
 
 
 def _entry_point_dirs(group: str = ENTRY_POINT_GROUP) -> list[Path]:
@@ -192,9 +199,9 @@ def card_dirs(extra: Iterable[str | Path] = (), builtin: bool = True, kind: str 
 class Registry:
     """Cards by name and alias (case-insensitive), with dot-joined composition."""
 
-    def __init__(self, cards: Iterable[EncoderCard], kind: str = "encoder") -> None:
+    def __init__(self, cards: Iterable[Card], kind: str = "encoder") -> None:
         self.kind = KINDS[kind]
-        self.cards: dict[str, EncoderCard] = {}
+        self.cards: dict[str, Card] = {}
         self._index: dict[str, str] = {}
         for card in cards:
             self.add(card)
@@ -225,7 +232,7 @@ class Registry:
             cfg.get(KINDS[kind].config_key) or (), builtin=cfg.get("builtin", True), kind=kind
         )
 
-    def add(self, card: EncoderCard) -> None:
+    def add(self, card: Card) -> None:
         for key in (card.name, *card.aliases):
             low = key.lower()
             if low in self._index:
@@ -245,14 +252,14 @@ class Registry:
     def __len__(self) -> int:
         return len(self.cards)
 
-    def get(self, name: str) -> EncoderCard:
+    def get(self, name: str) -> Card:
         """One card by exact name or alias (case-insensitive)."""
         key = name.strip().lower()
         if key not in self._index:
             raise UnknownNameError(self._unknown_message(name, name))
         return self.cards[self._index[key]]
 
-    def list(self, pattern: str = "*") -> list[EncoderCard]:
+    def list(self, pattern: str = "*") -> list[Card]:
         """Cards whose name, alias or family matches a glob (case-insensitive), sorted by family and name."""
         pat = pattern.lower()
         hits = [
@@ -262,7 +269,7 @@ class Registry:
         ]
         return sorted(hits, key=lambda c: (c.family, c.name))
 
-    def resolve(self, spec: str) -> list[EncoderCard]:
+    def resolve(self, spec: str) -> list[Card]:
         """Split a dot-joined name into registered cards, longest registered name first."""
         spec = spec.strip()
         if not spec:
@@ -321,81 +328,3 @@ class Registry:
             f"unknown {self.kind.label} '{bad}'{where}{hint} (see `vrlab task={self.kind.task}`; "
             f"add a card to {self.kind.builtin_dir.name}/, registry.{self.kind.config_key} or {self.kind.env})"
         )
-
-    def build(
-        self, spec: str, overrides: Mapping[str, Any] | None = None, compose: Mapping[str, Any] | None = None
-    ) -> Any:
-        """Build the encoder (or composite) named by `spec`.
-
-        `overrides` holds backend arguments: keys that are a member's name or alias map to that member's
-        overrides; other keys apply to every member (e.g. `{dinov2-l: {image_size: 336}}`).
-        `compose` holds the composite policy: `align` (equal|interpolate), `grid`, `normalize`.
-        """
-        cards = self.resolve(spec)
-        overrides = dict(overrides or {})
-        member_keys = {k for c in cards for k in (c.name.lower(), *(a.lower() for a in c.aliases))}
-        shared = {k: v for k, v in overrides.items() if k.lower() not in member_keys}
-        encoders = []
-        for card in cards:
-            own = {}
-            for key in (card.name, *card.aliases):
-                for ok, ov in overrides.items():
-                    if ok.lower() == key.lower():
-                        own.update(ov)
-            encoders.append(build_card(card.with_overrides({**shared, **own})))
-        if len(encoders) == 1:
-            return encoders[0]
-        from vrlab.encoders.compose import CompositeEncoder
-
-        return CompositeEncoder(encoders, **dict(compose or {}))
-
-
-def build_card(card: EncoderCard, **extra: Any) -> Any:
-    """Instantiate one card's spec (plus `extra` arguments) with Hydra and attach the card."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        encoder = instantiate({**card.spec, **extra}, _convert_="all")
-    except InstantiationException as exc:
-        cause = exc.__cause__ or exc
-        if isinstance(cause, VrlabError):
-            raise type(cause)(f"'{card.name}' ({card.path}): {cause}") from cause
-        raise VrlabError(
-            f"cannot build '{card.name}' from card {card.path}: {cause}. "
-            "For a hub id without network access, download the weights first or point 'source' at a local folder"
-        ) from exc
-    encoder.card = card
-    # Diffusion encoders learn their shape from a dry forward pass; checking it at build would cost one.
-    declared = card.dim is not None and card.grid is not None and not getattr(encoder, "lazy_shape", False)
-    if declared and (encoder.dim, tuple(encoder.grid)) != (card.dim, card.grid):
-        raise CardError(
-            f"encoder card {card.path} declares dim={card.dim}, grid={list(card.grid)} but '{card.name}' "
-            f"gives dim={encoder.dim}, grid={list(encoder.grid)}; fix the card's 'dim'/'grid' keys"
-        )
-    return encoder
-
-
-def encoder_from_dict(card: Mapping[str, Any], policy: Mapping[str, Any] | None = None) -> Any:
-    """Rebuild an encoder (or composite) from `EncoderCard.to_dict()` output, without the card files.
-
-    Checkpoints store this, so a saved model rebuilds its exact encoder even where the cards differ.
-    """
-
-    def one(c: Mapping[str, Any]) -> Any:
-        meta = {k: c[k] for k in ("task", "metric") if k in c}
-        return build_card(
-            EncoderCard(name=c["name"], spec=dict(c["spec"]), family=c.get("family", "unknown"), meta=meta)
-        )
-
-    if card.get("members"):
-        from vrlab.encoders.compose import CompositeEncoder
-
-        spec = dict(card.get("spec", {}))
-        policy = dict(
-            policy or {"align": spec.get("align", "equal"), "normalize": spec.get("normalize", False)}
-        )
-        if policy.get("align") == "interpolate":
-            policy.setdefault("grid", spec.get("grid"))
-        return CompositeEncoder([one(m) for m in card["members"]], **policy)
-    return one(card)

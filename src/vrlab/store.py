@@ -13,17 +13,16 @@ finished shards. Readers refuse a store whose manifest is not complete, and memo
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from vrlab.errors import VrlabError
-from vrlab.runtime import atomic_write_json, config_hash, library_versions, to_plain
+from vrlab.runtime import atomic_write_bytes, atomic_write_json, config_hash, library_versions, to_plain
 
 STORE_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,10 +32,12 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def store_key(settings: Mapping[str, Any]) -> str:
+def store_key(settings: Mapping[str, Any], ids: Sequence[str], shard_size: int, dtype: str) -> str:
     """The hash naming a store: everything that changes the numbers (encoder card, layer, resolution, transform,
-    normalisation, protocol, seed, benchmark split and items, projector, dtype)."""
-    return config_hash(settings, length=16)
+    normalisation, protocol, seed, benchmark split and items, adapter, dtype) plus the shard layout."""
+    return config_hash(
+        {"settings": settings, "ids": list(ids), "shard_size": shard_size, "dtype": dtype}, length=16
+    )
 
 
 def is_complete(path: str | Path) -> bool:
@@ -62,9 +63,7 @@ class StoreWriter:
             raise VrlabError(f"shard_size={shard_size} must be positive")
         self.path = Path(path)
         self.ids, self.shard_size, self.dtype = list(ids), int(shard_size), dtype
-        self.key = store_key(
-            {"settings": settings, "ids": self.ids, "shard_size": shard_size, "dtype": dtype}
-        )
+        self.key = store_key(settings, self.ids, shard_size, dtype)
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / "manifest.json"
         if manifest.exists():
@@ -115,10 +114,10 @@ class StoreWriter:
         tensors = {"index": index.to(torch.int64).contiguous(), "tokens": tokens.to(dt).contiguous()}
         if pooled is not None:
             tensors["pooled"] = pooled.to(dt).contiguous()
-        final = self.path / shard_name(shard)
-        tmp = self.path / f".{shard_name(shard)}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp), metadata={"skipped": json.dumps(list(skipped)), "key": self.key})
-        os.replace(tmp, final)
+        atomic_write_bytes(
+            self.path / shard_name(shard),
+            save(tensors, metadata={"skipped": json.dumps(list(skipped)), "key": self.key}),
+        )
 
     def missing(self) -> list[int]:
         return [s for s in range(self.num_shards) if not self.done(s)]

@@ -12,7 +12,8 @@ from typing import Any
 
 from vrlab.data.loaders import Loader
 from vrlab.errors import VrlabError
-from vrlab.registry import Registry, build_card
+from vrlab.instantiate import instantiate_card
+from vrlab.registry import Registry
 
 
 def load_benchmark(
@@ -29,7 +30,9 @@ def load_benchmark(
         raise VrlabError(f"benchmark card {card.path} needs a 'root'")
     root = Path(spec["root"]).expanduser()
     root = root if root.is_absolute() else Path(data_root) / root
-    loader = build_card(card.with_overrides({**dict(overrides or {}), "root": str(root)}))
+    card = card.with_overrides({**dict(overrides or {}), "root": str(root)})
+    loader = instantiate_card(card)
+    loader.card = card
     if len(loader) == 0:
         raise VrlabError(f"benchmark '{card.name}' at {root} has no images")
     return loader

@@ -8,7 +8,7 @@ and EXIF orientation. A file that cannot be decoded raises `ImageDecodeError` na
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +63,18 @@ def list_images(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) ->
     if not files:
         raise VrlabError(f"no images ({', '.join(sorted(wanted))}) found below {folder}")
     return files
+
+
+def pad_to_square(image: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+    """LLaVA-1.5's expand2square: centre the image on a square canvas of the mean colour (uint8 in and out)."""
+    _, h, w = image.shape
+    side = max(h, w)
+    canvas = (
+        torch.tensor([round(f * 255) for f in fill], dtype=torch.uint8)
+        .view(3, 1, 1)
+        .expand(3, side, side)
+        .clone()
+    )
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[:, top : top + h, left : left + w] = image
+    return canvas

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -460,18 +459,4 @@ def make_benchmark(
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(root)
-    return counts
-
-
-def make_benchmark_task(cfg: Any) -> dict[str, int]:
-    """`vrlab task=make_benchmark`: write the generated benchmark under `<paths.data>/synthetic`."""
-    import logging
-
-    from vrlab.runtime import to_plain
-
-    root = Path(cfg.make_benchmark.root or Path(cfg.paths.data) / "synthetic")
-    counts = make_benchmark(
-        root, seed=cfg.seed, sizes=to_plain(cfg.make_benchmark.sizes), overwrite=cfg.make_benchmark.overwrite
-    )
-    logging.getLogger(__name__).info("generated benchmark at %s: %s images", root, counts)
     return counts

@@ -184,6 +184,40 @@ class ImageTransform(nn.Module):
         return x[0] if single else x
 
 
+TRANSFORM_OPTIONS = ("resize", "crop_pct", "interpolation", "normalize", "mean", "std")
+
+
+def image_transform(
+    image_size: int | Sequence[int],
+    default_normalize: str,
+    default_resize: str = "center_crop",
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **options: Any,
+) -> ImageTransform:
+    """A backend's `ImageTransform` from the card's transform options (`TRANSFORM_OPTIONS`).
+
+    Every backend takes these options as keyword arguments and passes them here, so they are defined and
+    checked in one place; `mean`/`std` given by the backend (a checkpoint's own statistics) apply unless
+    the card names `normalize` or its own `mean`/`std`.
+    """
+    unknown = sorted(set(options) - set(TRANSFORM_OPTIONS))
+    if unknown:
+        raise VrlabError(
+            f"unknown encoder option(s) {unknown}; image transform options are {list(TRANSFORM_OPTIONS)}"
+        )
+    m, s = resolve_normalization(options.get("normalize"), mean, std, default_normalize)
+    return ImageTransform(
+        image_size,
+        resize=options.get("resize") or default_resize,
+        mean=m,
+        std=s,
+        interpolation=options.get("interpolation") or "bicubic",
+        crop_pct=options.get("crop_pct") if options.get("crop_pct") is not None else 1.0,
+    )
+
+
 def autocast_context(device: torch.device | str, dtype: str = "auto") -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when `dtype` is auto or bfloat16; a no-op on the CPU or with float32."""
     device = torch.device(device)

@@ -18,6 +18,7 @@ from torch import nn
 
 from vrlab.encoders.base import Features, VisionEncoder, as_size
 from vrlab.errors import ShapeError, VrlabError
+from vrlab.registry import EncoderCard
 
 ALIGN_POLICIES = ("equal", "interpolate")
 
@@ -72,8 +73,6 @@ class CompositeEncoder(VisionEncoder):
                     "that yield the same grid (e.g. encoder_args.<member>.image_size=...)"
                 )
         self.target_grid = as_size(grid) if grid is not None else grids[0]
-        from vrlab.registry import EncoderCard
-
         self.card = EncoderCard(
             name=".".join(m.name for m in members),
             family="composite",

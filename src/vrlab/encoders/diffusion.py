@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vrlab.encoders.base import Features, ImageTransform, VisionEncoder, resolve_normalization
+from vrlab.encoders.base import Features, VisionEncoder, image_transform
 from vrlab.errors import VrlabError
 
 KINDS = {
@@ -57,13 +57,8 @@ class DiffusionEncoder(VisionEncoder):
         space_to_depth: bool | None = None,
         kind: str | None = None,
         pipeline_kwargs: Mapping[str, Any] | None = None,
-        resize: str = "squash",
-        crop_pct: float = 1.0,
-        interpolation: str = "bicubic",
-        normalize: str | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
         revision: str | None = None,
+        **transform: Any,
     ) -> None:
         super().__init__()
         from diffusers import DDIMScheduler, DiffusionPipeline
@@ -93,10 +88,7 @@ class DiffusionEncoder(VisionEncoder):
         else:
             # The law code noises with DDIM's schedule whatever scheduler the pipeline ships.
             self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        m, s = resolve_normalization(normalize, mean, std, "diffusion")
-        self.transform = ImageTransform(
-            image_size, resize=resize, mean=m, std=s, interpolation=interpolation, crop_pct=crop_pct
-        )
+        self.transform = image_transform(image_size, "diffusion", "squash", **transform)
         blocks = self._blocks()
         if not -len(blocks) <= self.block < len(blocks):
             raise VrlabError(

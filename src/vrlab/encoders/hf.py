@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vrlab.encoders.base import Features, ImageTransform, VisionEncoder, as_size, resolve_normalization
+from vrlab.encoders.base import Features, VisionEncoder, as_size, image_transform
 from vrlab.errors import ShapeError, VrlabError
 
 # model_type of a checkpoint -> the vision-only class to load from it (full checkpoints hold a text tower too).
@@ -65,17 +65,12 @@ class HFVisionEncoder(VisionEncoder):
         source: str,
         layer: int = -2,
         image_size: int | Sequence[int] | None = None,
-        resize: str = "center_crop",
-        crop_pct: float = 1.0,
-        interpolation: str = "bicubic",
-        normalize: str | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
         pooled: bool = True,
         model_class: str | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = "sdpa",
+        **transform: Any,
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
@@ -107,10 +102,7 @@ class HFVisionEncoder(VisionEncoder):
             raise VrlabError(
                 f"layer={layer} is out of range for '{source}' ({n_layers} layers; hidden states 0..{n_layers})"
             )
-        m, s = resolve_normalization(normalize, mean, std, DEFAULT_NORMALIZE.get(model_type, "imagenet"))
-        self.transform = ImageTransform(
-            size, resize=resize, mean=m, std=s, interpolation=interpolation, crop_pct=crop_pct
-        )
+        self.transform = image_transform(size, DEFAULT_NORMALIZE.get(model_type, "imagenet"), **transform)
         params = inspect.signature(self.model.forward).parameters
         # CLIP and SigLIP need to be told to resample position embeddings; DINOv2 always does.
         self._interp_kw = (

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vrlab.encoders.base import Features, ImageTransform, VisionEncoder, as_size, resolve_normalization
+from vrlab.encoders.base import Features, VisionEncoder, as_size, image_transform
 from vrlab.errors import VrlabError
 
 
@@ -27,13 +27,8 @@ class OpenCLIPEncoder(VisionEncoder):
         layer: int = -2,
         image_size: int | Sequence[int] | None = None,
         config_dir: str | None = None,
-        resize: str = "center_crop",
-        crop_pct: float = 1.0,
-        interpolation: str = "bicubic",
-        normalize: str | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
         pooled: bool = True,
+        **transform: Any,
     ) -> None:
         super().__init__()
         import open_clip
@@ -55,12 +50,12 @@ class OpenCLIPEncoder(VisionEncoder):
             bool(pooled),
         )
         size = as_size(image_size) if image_size is not None else as_size(self.visual.image_size)
-        if mean is None and normalize is None and getattr(self.visual, "image_mean", None) is not None:
-            mean, std = self.visual.image_mean, self.visual.image_std
-        m, s = resolve_normalization(normalize, mean, std, "clip")
-        self.transform = ImageTransform(
-            size, resize=resize, mean=m, std=s, interpolation=interpolation, crop_pct=crop_pct
-        )
+        if (
+            not {"mean", "normalize"} & set(transform)
+            and getattr(self.visual, "image_mean", None) is not None
+        ):
+            transform |= {"mean": self.visual.image_mean, "std": self.visual.image_std}
+        self.transform = image_transform(size, "clip", **transform)
         trunk = getattr(self.visual, "trunk", None)  # timm towers (EVA02-CLIP) sit in .trunk
         if trunk is not None and tuple(trunk.patch_embed.img_size) != size:
             # open_clip builds timm trunks at their native size, whatever its config's image_size says.

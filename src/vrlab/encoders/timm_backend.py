@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vrlab.encoders.base import Features, ImageTransform, VisionEncoder, as_size, resolve_normalization
+from vrlab.encoders.base import Features, VisionEncoder, as_size, image_transform
 from vrlab.errors import VrlabError
 
 
@@ -28,13 +28,8 @@ class TimmEncoder(VisionEncoder):
         pretrained: bool = True,
         checkpoint_path: str | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
-        resize: str = "center_crop",
-        crop_pct: float = 1.0,
-        interpolation: str = "bicubic",
-        normalize: str | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
         pooled: bool = True,
+        **transform: Any,
     ) -> None:
         super().__init__()
         import timm
@@ -59,12 +54,9 @@ class TimmEncoder(VisionEncoder):
             )
         cfg = self.model.pretrained_cfg
         size = as_size(image_size) if image_size is not None else as_size(self.model.patch_embed.img_size)
-        if mean is None and normalize is None and "mean" in cfg:
-            mean, std = cfg["mean"], cfg["std"]
-        m, s = resolve_normalization(normalize, mean, std, "imagenet")
-        self.transform = ImageTransform(
-            size, resize=resize, mean=m, std=s, interpolation=interpolation, crop_pct=crop_pct
-        )
+        if not {"mean", "normalize"} & set(transform) and "mean" in cfg:
+            transform |= {"mean": cfg["mean"], "std": cfg["std"]}
+        self.transform = image_transform(size, "imagenet", **transform)
         self.patch_size = as_size(self.model.patch_embed.patch_size)
 
     def _shape(self) -> tuple[int, tuple[int, int]]:

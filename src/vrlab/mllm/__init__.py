@@ -1,1 +1,1 @@
-"""Vision-language models: adapters (projectors), conversations, data, training."""
+"""Vision-language models: the model, conversations, data and two-stage training (adapters: `vrlab.adapters`)."""

@@ -15,21 +15,6 @@ from vrlab.encoders.base import collate_pixels
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN, tokenize
 
 
-def pad_to_square(image: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
-    """LLaVA-1.5's expand2square: centre the image on a square canvas of the mean colour (uint8 in and out)."""
-    _, h, w = image.shape
-    side = max(h, w)
-    canvas = (
-        torch.tensor([round(f * 255) for f in fill], dtype=torch.uint8)
-        .view(3, 1, 1)
-        .expand(3, side, side)
-        .clone()
-    )
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas[:, top : top + h, left : left + w] = image
-    return canvas
-
-
 def guide_text(conversations: Sequence[dict[str, str]]) -> str:
     """TG-LLaVA's text guide: the last human turn, without the placeholder."""
     humans = [t["value"] for t in conversations if t["from"] == "human"]
@@ -125,3 +110,34 @@ class Collator:
             )
             out["guide_ids"], out["guide_mask"] = enc.input_ids, enc.attention_mask
         return out
+
+
+def generation_batch(
+    model: Any, images: Sequence[torch.Tensor | None], prompts: Sequence[str], aspect: str = "pad"
+) -> dict[str, Any]:
+    """A left-padded batch asking each prompt about its image (None: text only), on the model's device.
+
+    The prompt is the human turn of the model's template with `<image>` in front, as in training; labels are
+    dropped since nothing is scored.
+    """
+    items = []
+    for image, prompt in zip(images, prompts, strict=True):
+        text = f"{IMAGE_TOKEN}\n{prompt}" if image is not None and IMAGE_TOKEN not in prompt else prompt
+        ids, labels = tokenize(
+            [{"from": "human", "value": text}],
+            model.template,
+            model.tokenizer,
+            image is not None,
+            generation=True,
+        )
+        item = {"input_ids": ids, "labels": labels, "has_image": image is not None, "guide": prompt}
+        if image is not None:
+            item["pixels"] = model.image_input(image, aspect)
+        items.append(item)
+    batch = Collator(model, padding_side="left")(items)
+    batch.pop("labels")
+    batch.pop("decoder_labels", None)
+    device = next(model.parameters()).device
+    return {
+        k: (v.to(device) if torch.is_tensor(v) else tuple(t.to(device) for t in v)) for k, v in batch.items()
+    }

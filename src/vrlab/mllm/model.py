@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vrlab.adapters import build_adapter, load_adapter
+from vrlab.checkpoint import VLM_CONFIG, save_adapter
+from vrlab.data.images import pad_to_square
+from vrlab.encoders.factory import encoder_from_dict, load_encoder
 from vrlab.errors import ShapeError, VrlabError
-from vrlab.mllm.adapters import build_adapter, load_adapter, save_projector
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN
-from vrlab.mllm.data import pad_to_square
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "vlm_config.json"
 
 
 def load_llm(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
@@ -105,9 +106,7 @@ class VisionLanguageModel(nn.Module):
         text_tower: Mapping[str, Any] | None = None,
     ) -> VisionLanguageModel:
         """A fresh model: encoder from the registry, LLM by `from_pretrained`, a new adapter."""
-        from vrlab.registry import Registry
-
-        enc = Registry.from_config(registry_cfg).build(encoder, encoder_args, compose)
+        enc = load_encoder(encoder, encoder_args, compose, registry=registry_cfg)
         lm, tokenizer = load_llm(llm, trust_remote_code)
         adapter_cfg = dict(adapter)
         adapter_cfg.update(in_dim=enc.dim, out_dim=_hidden_size(lm), encoder=enc.name, llm=llm)
@@ -269,19 +268,17 @@ class VisionLanguageModel(nn.Module):
             llm = copy.deepcopy(llm).merge_and_unload()
         llm.save_pretrained(path / "llm")
         self.tokenizer.save_pretrained(path / "llm")
-        save_projector(self.adapter, path / "adapter", self.config_dict["adapter"])
-        (path / CONFIG_FILE).write_text(json.dumps({**self.config_dict, "llm": "llm"}, indent=2, default=str))
+        save_adapter(self.adapter, path / "adapter", self.config_dict["adapter"])
+        (path / VLM_CONFIG).write_text(json.dumps({**self.config_dict, "llm": "llm"}, indent=2, default=str))
         return path
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VisionLanguageModel:
         """Rebuild a model saved by `save_pretrained` with one call."""
-        from vrlab.registry import encoder_from_dict
-
         path = Path(path)
-        if not (path / CONFIG_FILE).exists():
-            raise VrlabError(f"no vrlab model at {path} ({CONFIG_FILE} missing)")
-        config = json.loads((path / CONFIG_FILE).read_text())
+        if not (path / VLM_CONFIG).exists():
+            raise VrlabError(f"no vrlab model at {path} ({VLM_CONFIG} missing)")
+        config = json.loads((path / VLM_CONFIG).read_text())
         encoder = encoder_from_dict(config["encoder"], config.get("compose") or None)
         llm, tokenizer = load_llm(str(path / "llm"), config.get("trust_remote_code", False))
         adapter, _ = load_adapter(path / "adapter", expect_in_dim=encoder.dim, encoder=encoder.name)

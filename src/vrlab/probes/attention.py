@@ -7,7 +7,6 @@ SDPA does not return attention weights.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vrlab.errors import VrlabError
+from vrlab.probes.lmvr import lmvr_batch, prompt_batch, token_masks
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,18 @@ def word_attention(
     words: list[str] | None = None,
 ) -> dict[str, Any]:
     """Response text and, per word, an `[h, w]` map of head-averaged attention from its first token to the image."""
-    from vrlab.probes.lmvr import lmvr_batch, prompt_batch, token_masks
-
     res = lmvr_batch(
         model, [image], prompt, [layer], ["all"], ["mean"], ["after"], max_new_tokens
     )  # generates
     batch = prompt_batch(model, [image], prompt)
     response_ids = model.tokenizer(res["texts"][0], add_special_tokens=False).input_ids
-    full = torch.cat([batch["input_ids"], torch.tensor([response_ids], dtype=torch.long)], dim=1)
+    full = torch.cat(
+        [
+            batch["input_ids"],
+            torch.tensor([response_ids], dtype=torch.long, device=batch["input_ids"].device),
+        ],
+        dim=1,
+    )
     att = torch.ones_like(full)
     embeds = model.embed(
         full, batch["pixel_values"], batch["has_image"], batch.get("guide_ids"), batch.get("guide_mask")
@@ -113,45 +117,3 @@ def overlay(image: torch.Tensor, grid_map: torch.Tensor, path: Path, title: str)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def attention_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=attention checkpoint=... attention.image=<file> attention.words=[...]`."""
-    from vrlab.data.images import decode_image
-    from vrlab.mllm.model import VisionLanguageModel
-    from vrlab.runtime import resolve_device, run_dir, to_plain
-
-    if not cfg.checkpoint or not cfg.attention.image:
-        raise VrlabError("task=attention needs checkpoint=<stage-2 model> and attention.image=<file>")
-    model = VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device)).eval()
-    image = decode_image(cfg.attention.image)
-    res = word_attention(
-        model,
-        image,
-        cfg.generate.prompt,
-        cfg.attention.layer,
-        cfg.lmvr.max_new_tokens,
-        to_plain(cfg.attention.words) or None,
-    )
-    out = Path(
-        cfg.attention.out
-        or run_dir(
-            cfg.paths.outputs,
-            "attention",
-            Path(cfg.attention.image).stem,
-            {"ckpt": str(cfg.checkpoint), "layer": cfg.attention.layer},
-        )
-    )
-    files = [
-        str(
-            overlay(
-                image,
-                m,
-                out / f"{re.sub(r'[^A-Za-z0-9_@-]+', '_', k)}.png",
-                f"'{k}' (layer {cfg.attention.layer})",
-            )
-        )
-        for k, m in res["maps"].items()
-    ]
-    log.info("response: %s; %d maps -> %s", res["text"], len(files), out)
-    return {"text": res["text"], "files": files}

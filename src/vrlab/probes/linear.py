@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,23 +27,15 @@ DEFAULT_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 # --- metrics ----------------------------------------------------------------------------------------------
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-class AP `[C]` for scores and binary targets `[N, C]`; NaN for a class without positives.
+    """Per-class AP by scikit-learn's `average_precision_score` (ties included); NaN for classes with no
+    positives, which mAP then skips."""
+    from sklearn.metrics import average_precision_score
 
-    AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds (tied scores form one threshold)."""
-    scores, targets = scores.double(), targets.double()
     out = torch.full((scores.shape[1],), float("nan"), dtype=torch.float64)
     for c in range(scores.shape[1]):
-        s, t = scores[:, c], targets[:, c]
-        n_pos = t.sum()
-        if n_pos == 0:
-            continue
-        order = torch.argsort(s, descending=True, stable=True)
-        s, t = s[order], t[order]
-        tp, fp = torch.cumsum(t, 0), torch.cumsum(1 - t, 0)
-        last = torch.cat([s[1:] != s[:-1], torch.tensor([True])])  # end of each run of equal scores
-        precision = tp[last] / (tp[last] + fp[last])
-        recall = tp[last] / n_pos
-        out[c] = torch.sum(torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64)) * precision)
+        t = targets[:, c].double().cpu().numpy()
+        if t.sum() > 0:
+            out[c] = float(average_precision_score(t, scores[:, c].double().cpu().numpy()))
     return out
 
 
@@ -231,102 +222,6 @@ def fit_and_evaluate(
 
 
 # --- tasks -------------------------------------------------------------------------------------------------
-def _features(cfg: Any, benchmark: str, kind: str, row: str) -> tuple[torch.Tensor, list[Any], Any]:
-    """Features `[N, D]` of one benchmark for `kind` (llm | encoder | adapter) and a row name, plus labels."""
-    from vrlab.data.benchmarks import load_benchmark
-    from vrlab.probes.lmvr import lmvr_stores
-    from vrlab.runtime import to_plain
-
-    bench = load_benchmark(benchmark, cfg.paths.data, to_plain(cfg.registry))
-    out, stores = lmvr_stores(cfg, bench)
-    store = stores[kind]
-    rows = store.manifest["rows"]
-    if row not in rows:
-        raise VrlabError(f"feature row '{row}' is not in {out / kind} (rows: {', '.join(rows)})")
-    feats = store.load()[:, rows.index(row)]
-    labels = {it.id: it.label for it in bench.items}
-    return feats, [labels[i] for i in store.ids], bench
-
-
-def probe_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=probe checkpoint=... probe.train=<bench> probe.test=[...] probe.features=llm probe.row=...`."""
-    from vrlab.runtime import atomic_write_json, run_dir, to_plain
-
-    pcfg = cfg.probe
-    if not cfg.checkpoint:
-        raise VrlabError("task=probe needs checkpoint=<a stage-2 model folder>")
-    row = pcfg.row or (
-        f"{pcfg.moment}/{pcfg.token_set}/{pcfg.pooling}/layer{pcfg.layer}"
-        if pcfg.features == "llm"
-        else f"{pcfg.features}/mean"
-    )
-    if row.startswith("before/generated"):
-        raise VrlabError("token set 'generated' does not exist before generation; use probe.moment=after")
-    train_x, train_y, bench = _features(cfg, pcfg.train, pcfg.features, row)
-    multilabel = bench.task == "multilabel"
-    tests = {}
-    for name in to_plain(pcfg.test):
-        x, y, tb = _features(cfg, name, pcfg.features, row)
-        if tb.classes != bench.classes:
-            raise VrlabError(
-                f"test benchmark '{name}' has classes {tb.classes}, training '{pcfg.train}' has {bench.classes}"
-            )
-        groups = {name: (x, y)}
-        if (
-            tb.items and "corruption" in tb.items[0].meta
-        ):  # ImageNet-C: one test set per corruption and severity
-            groups = {}
-            meta = {it.id: it.meta for it in tb.items}
-            ids = [it.id for it in tb.items]
-            for key in sorted({(meta[i]["corruption"], meta[i]["severity"]) for i in ids}):
-                sel = [k for k, i in enumerate(ids) if (meta[i]["corruption"], meta[i]["severity"]) == key]
-                groups[f"{name}/{key[0]}/{key[1]}"] = (x[sel], [y[k] for k in sel])
-        tests.update(groups)
-    result = fit_and_evaluate(
-        train_x,
-        train_y,
-        tests,
-        len(bench.classes),
-        multilabel,
-        weight_decays=to_plain(pcfg.weight_decays),
-        val_fraction=pcfg.val_fraction,
-        seed=cfg.seed,
-    )
-    result.update(
-        features=pcfg.features,
-        row=row,
-        train=pcfg.train,
-        label=pcfg.label or f"{pcfg.features}:{row}",
-        protocol={
-            "classifier": "logistic regression, L-BFGS, standardised features",
-            "selection": f"weight decay on a seeded {pcfg.val_fraction:.0%} validation split, then refit",
-            "metric": "mAP (sklearn AP definition)" if multilabel else "top-1 accuracy",
-        },
-    )
-    if any("/" in k for k in result["test"]):
-        result["robustness"] = robustness_summary(result["test"])
-    out = run_dir(
-        cfg.paths.outputs,
-        "probe",
-        pcfg.train,
-        {
-            "row": row,
-            "features": pcfg.features,
-            "test": to_plain(pcfg.test),
-            "checkpoint": str(cfg.checkpoint),
-            "wd": to_plain(pcfg.weight_decays),
-        },
-    )
-    atomic_write_json(out / "probe.json", result)
-    log.info(
-        "probe %s [%s] trained on %s: %s",
-        pcfg.features,
-        row,
-        pcfg.train,
-        {k: {m: round(v, 2) for m, v in r.items()} for k, r in result["test"].items() if k.count("/") < 2},
-    )
-    result["output"] = str(out / "probe.json")
-    return result
 
 
 def robustness_summary(tests: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -351,37 +246,16 @@ def robustness_summary(tests: dict[str, dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def probe_table_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=probe_table`: every probe.json under outputs/probe as one table (CSV and markdown)."""
-    import json
-    from glob import glob
-
-    import pandas as pd
-
-    rows = []
-    for path in sorted(glob(str(Path(cfg.paths.outputs) / "probe" / "*" / "probe.json"))):
-        r = json.loads(Path(path).read_text())
-        row = {
-            "features": r["features"],
-            "row": r["row"],
-            "train": r["train"],
-            "weight_decay": r["weight_decay"],
-        }
-        for test, m in r["test"].items():
-            if test.count("/") < 2:
-                row.update({f"{test}:{k}": round(v, 2) for k, v in m.items() if isinstance(v, float)})
-        if r.get("robustness"):
-            row.update({f"corruption-{k}": round(v, 2) for k, v in r["robustness"]["per_category"].items()})
-        rows.append(row)
-    if not rows:
-        raise VrlabError(
-            f"no probe results under {Path(cfg.paths.outputs) / 'probe'}; run vrlab task=probe first"
-        )
-    table = pd.DataFrame(rows).sort_values(["features", "row"])
-    out = Path(cfg.paths.outputs) / "probe" / "table.csv"
-    table.to_csv(out, index=False)
-    from vrlab.report import markdown_table
-
-    out.with_suffix(".md").write_text(markdown_table(table))
-    print(table.to_string(index=False))
-    return {"table": str(out), "rows": len(table)}
+def corruption_groups(
+    name: str, features: torch.Tensor, labels: Sequence[Any], items: Sequence[Any]
+) -> dict[str, tuple[torch.Tensor, list[Any]]]:
+    """One test set per corruption and severity for ImageNet-C items (`<name>/<corruption>/<severity>`);
+    any other benchmark stays one test set."""
+    if not items or "corruption" not in items[0].meta:
+        return {name: (features, list(labels))}
+    keys = [(it.meta["corruption"], it.meta["severity"]) for it in items]
+    groups = {}
+    for key in sorted(set(keys)):
+        sel = [k for k, other in enumerate(keys) if other == key]
+        groups[f"{name}/{key[0]}/{key[1]}"] = (features[sel], [labels[k] for k in sel])
+    return groups

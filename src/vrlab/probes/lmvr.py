@@ -23,8 +23,7 @@ import torch
 
 from vrlab.data.images import decode_image
 from vrlab.errors import VrlabError
-from vrlab.mllm.conversation import IMAGE_TOKEN, tokenize
-from vrlab.mllm.data import Collator
+from vrlab.mllm.data import generation_batch
 from vrlab.store import EmbeddingStore, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -93,26 +92,8 @@ def hidden_states(
 
 
 def prompt_batch(model: Any, images: Sequence[torch.Tensor], prompt: str) -> dict[str, Any]:
-    """A left-padded generation batch asking `prompt` about each image (the same prefix training used)."""
-    items = []
-    for image in images:
-        ids, labels = tokenize(
-            [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}],
-            model.template,
-            model.tokenizer,
-            True,
-            generation=True,
-        )
-        items.append(
-            {
-                "input_ids": ids,
-                "labels": labels,
-                "has_image": True,
-                "guide": prompt,
-                "pixels": model.image_input(image),
-            }
-        )
-    return Collator(model, padding_side="left")(items)
+    """A left-padded batch asking `prompt` about each image (the same prefix training used), on the device."""
+    return generation_batch(model, images, [prompt] * len(images))
 
 
 @torch.inference_mode()
@@ -130,15 +111,11 @@ def lmvr_batch(
     if model.is_seq2seq:
         raise VrlabError("LMVR features need a causal LLM (hidden states over prompt and response)")
     batch = prompt_batch(model, images, prompt)
-    device = next(model.parameters()).device
-    batch = {
-        k: (v.to(device) if torch.is_tensor(v) else tuple(t.to(device) for t in v)) for k, v in batch.items()
-    }
     ids, attention = batch["input_ids"], batch["attention_mask"]
     prompt_len = ids.shape[1]
     new = (
         model.generate(
-            **{k: v for k, v in batch.items() if k not in ("labels",)},
+            **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )
@@ -234,52 +211,3 @@ def write_lmvr_stores(
             if (out / k / "manifest.json").exists()
         }
     return {k: writers[k].finalize({"rows": names.get(k, []), "responses": texts}) for k in kinds}
-
-
-def lmvr_stores(cfg: Any, benchmark: Any, model: Any = None) -> tuple[Path, dict[str, EmbeddingStore]]:
-    """The three stores of `benchmark` for `cfg.checkpoint` and `cfg.lmvr`, computed once (keyed by settings)."""
-    from vrlab.mllm.model import VisionLanguageModel
-    from vrlab.runtime import resolve_device, run_dir, slug
-    from vrlab.store import is_complete
-
-    if not cfg.checkpoint:
-        raise VrlabError("LMVR features need checkpoint=<a stage-2 model folder>")
-    lcfg = cfg.lmvr
-    options = {
-        "prompt": lcfg.prompt,
-        "layers": list(lcfg.layers),
-        "token_sets": list(lcfg.token_sets),
-        "poolings": list(lcfg.poolings),
-        "moments": list(lcfg.moments),
-        "max_new_tokens": lcfg.max_new_tokens,
-    }
-    settings = {
-        "checkpoint": str(Path(cfg.checkpoint).resolve()),
-        "benchmark": benchmark.card.name,
-        **options,
-    }
-    out = run_dir(cfg.paths.outputs, f"lmvr/{slug(benchmark.card.name)}", Path(cfg.checkpoint).name, settings)
-    kinds = ("llm", "encoder", "adapter")
-    if not all(is_complete(out / k) for k in kinds):
-        model = (
-            model or VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device)).eval()
-        )
-        return out, write_lmvr_stores(
-            model, benchmark.items, out, settings, batch_size=lcfg.batch_size, **options
-        )
-    return out, {k: EmbeddingStore(out / k) for k in kinds}
-
-
-def lmvr_features_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=lmvr_features checkpoint=<stage-2 model> benchmark=<images>`: features into three stores."""
-    from vrlab.data.benchmarks import load_benchmark
-    from vrlab.runtime import seed_everything, to_plain
-
-    seed_everything(cfg.seed)
-    bench = load_benchmark(
-        cfg.benchmark, cfg.paths.data, to_plain(cfg.registry), to_plain(cfg.benchmark_args)
-    )
-    out, stores = lmvr_stores(cfg, bench)
-    rows = stores["llm"].manifest["rows"]
-    log.info("LMVR features of %d images -> %s (%d LLM rows)", len(bench), out, len(rows))
-    return {"folder": str(out), "rows": rows}

@@ -9,8 +9,7 @@ fp32 by default; `dtype=bfloat16` reproduces the published numerics (tensors sav
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ def image_alignment(candidate: torch.Tensor, reference: torch.Tensor, dtype: str
     if candidate.shape[0] != reference.shape[0] or candidate.shape[-1] != reference.shape[-1]:
         raise ShapeError(
             f"cannot compare candidate tokens {tuple(candidate.shape)} with reference tokens {tuple(reference.shape)}: "
-            "batch and width must match (project both with their stage-1 projectors into the LLM width)"
+            "batch and width must match (project both with their stage-1 adapters into the LLM width)"
         )
     dt = DTYPES[dtype]
     c = F.normalize(candidate.to(dt), dim=-1, eps=1e-10)
@@ -102,68 +101,3 @@ def alignment(
             "stored_dtype": candidate.manifest.get("dtype"),
         },
     }
-
-
-def alignment_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=alignment`: A of `encoder` (+ `alignment.projector`) against the references, per benchmark."""
-    from vrlab.extract import extract_store
-    from vrlab.runtime import atomic_write_json, run_dir, to_plain
-
-    acfg = cfg.alignment
-    benchmarks: Sequence[str] = to_plain(acfg.benchmarks) or [cfg.benchmark]
-    if not benchmarks or benchmarks == [None]:
-        raise VrlabError("alignment needs benchmarks: alignment.benchmarks=[...] or benchmark=<name>")
-    references = to_plain(acfg.references)
-    if not references:
-        raise VrlabError("alignment.references is empty; give [{name, encoder, projector}, ...]")
-    if not acfg.projector:
-        log.warning(
-            "no alignment.projector: A is computed on raw encoder tokens, not on projected tokens as in the "
-            "paper; widths must then match the references' raw widths"
-        )
-    results = {}
-    for bench in benchmarks:
-        cand = extract_store(cfg, cfg.encoder, bench, acfg.projector, limit=acfg.n_images)
-        refs = {
-            r["name"]: extract_store(
-                cfg,
-                r["encoder"],
-                bench,
-                r.get("projector"),
-                limit=acfg.n_images,
-                encoder_args=r.get("encoder_args", {}),
-            )
-            for r in references
-        }
-        res = alignment(cand, refs, acfg.n_images, acfg.dtype)
-        res["settings"]["projector"] = acfg.projector
-        results[bench] = res
-        log.info(
-            "A(%s, %s) = %.4f  (%s)",
-            cfg.encoder,
-            bench,
-            res["A"],
-            ", ".join(f"{k}: {v['A']:.4f}" for k, v in res["references"].items()),
-        )
-    out = run_dir(
-        cfg.paths.outputs,
-        "alignment",
-        cfg.encoder,
-        {
-            "benchmarks": benchmarks,
-            "refs": references,
-            "projector": acfg.projector,
-            "n": acfg.n_images,
-            "dtype": acfg.dtype,
-        },
-    )
-    summary = {
-        "representation": acfg.label or cfg.encoder,
-        "encoder": cfg.encoder,
-        "A": {b: r["A"] for b, r in results.items()},
-        "results": results,
-    }
-    atomic_write_json(out / "alignment.json", summary)
-    log.info("written %s", out / "alignment.json")
-    summary["output"] = str(Path(out) / "alignment.json")
-    return summary

@@ -230,89 +230,54 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def correspondence_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=correspondence encoder=... benchmark=synth-spair protocol=law|standard`."""
-    from vrlab.data.benchmarks import load_benchmark
-    from vrlab.data.images import decode_image
-    from vrlab.extract import extract_store
-    from vrlab.registry import Registry
-    from vrlab.runtime import atomic_write_json, resolve_device, run_dir, seed_everything, to_plain
-
-    seed_everything(cfg.seed)
-    ccfg = to_plain(cfg.correspondence)
-    overrides = {
-        k: v for k, v in ccfg.items() if k not in ("protocol", "max_pairs", "label") and v is not None
-    }
-    registry = Registry.from_config(to_plain(cfg.registry))
-    cards = registry.resolve(cfg.encoder)
-    if (
-        ccfg["protocol"] == "law"
-        and "transpose_features" not in overrides
-        and any(c.family == "dit" for c in cards)
-    ):
+def settings_for(protocol: str, families: Sequence[str] = (), **overrides: Any) -> CorrespondenceSettings:
+    """A protocol's settings for an encoder of these member families (law: DiT maps transposed, as its code)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if protocol == "law" and "transpose_features" not in overrides and "dit" in families:
         overrides["transpose_features"] = True
-    settings = protocol_settings(ccfg["protocol"], **overrides)
-    encoder_args = dict(to_plain(cfg.encoder_args)) | {"resize": settings.input_resize}
+    return protocol_settings(protocol, **overrides)
+
+
+def extraction_options(
+    settings: CorrespondenceSettings,
+    encoder_args: Mapping[str, Any] | None = None,
+    compose: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The encoder overrides and composite policy a protocol extracts with.
+
+    The protocol decides the input resize (and, for `law`, the normalisation); composite members are
+    L2-normalised so the joint cosine is the mean of the members' cosines.
+    """
+    args = dict(encoder_args or {}) | {"resize": settings.input_resize}
     if settings.input_normalize:
-        encoder_args["normalize"] = settings.input_normalize
-    compose = dict(to_plain(cfg.compose)) | {"normalize": True}  # each member unit-length: (cos1 + cos2) / 2
-    benchmark = load_benchmark(
-        cfg.benchmark, cfg.paths.data, to_plain(cfg.registry), to_plain(cfg.benchmark_args)
-    )
-    if not hasattr(benchmark, "pairs"):
-        raise VrlabError(
-            f"benchmark '{cfg.benchmark}' has no correspondence pairs (use an SPair-layout card)"
-        )
-    pairs = benchmark.pairs[: ccfg.get("max_pairs") or None]
-    store = extract_store(cfg, cfg.encoder, cfg.benchmark, None, encoder_args=encoder_args, compose=compose)
+        args["normalize"] = settings.input_normalize
+    return args, dict(compose or {}) | {"normalize": True}
+
+
+def correspondence(
+    store: Any,
+    pairs: Sequence[Pair],
+    settings: CorrespondenceSettings | str = "standard",
+    flipped: Callable[[str], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """PCK of the tokens in `store` (an EmbeddingStore) on `pairs`; `flipped(item_id)` gives the tokens of the
+    horizontally flipped image when the flip test is on. Returns `C` (PCK@0.1 per image) and every summary."""
+    if isinstance(settings, str):
+        settings = protocol_settings(settings)
+    if settings.flip and flipped is None:
+        raise VrlabError("the flip test needs the encoder: pass flipped=<item id -> flipped tokens>")
     grid = tuple(store.manifest["grid"])
     frame = settings.frame or max(store.manifest["image_size"])
-    encoder = None
-    flipped_cache: dict[str, torch.Tensor] = {}
-    items = {it.id: it for it in benchmark.items}
 
-    def features(item_id: str, flipped: bool) -> torch.Tensor:
-        nonlocal encoder
-        if not flipped:
-            return store.tokens(item_id)
-        if item_id not in flipped_cache:
-            if encoder is None:
-                encoder = (
-                    registry.build(cfg.encoder, encoder_args, compose).to(resolve_device(cfg.device)).eval()
-                )
-            image = decode_image(items[item_id].path).flip(-1)
-            flipped_cache[item_id] = encoder.encode_images([image], cfg.dtype).tokens[0].float().cpu()
-        return flipped_cache[item_id]
+    def features(item_id: str, flip: bool) -> torch.Tensor:
+        return flipped(item_id) if flip else store.tokens(item_id)
 
     result = pck(pairs, features, grid, frame, settings)
-    label = ccfg.get("label") or cfg.encoder
-    out = run_dir(
-        cfg.paths.outputs,
-        "correspondence",
-        cfg.encoder,
-        {"settings": settings.to_dict(), "store": store.manifest["key"], "pairs": [p.id for p in pairs]},
-    )
-    record = {
-        "representation": label,
-        "encoder": cfg.encoder,
-        "benchmark": benchmark.card.name,
+    return {
         "C": result["summary"]["pck@0.1"]["per_image"] if 0.1 in settings.alphas else None,
         "settings": settings.to_dict(),
         "grid": list(grid),
         "frame": frame,
         "n_pairs": len(pairs),
-        "encoder_settings": store.manifest["settings"]["encoder"],
         **result,
     }
-    atomic_write_json(out / "correspondence.json", record)
-    s = result["summary"]
-    log.info(
-        "C(%s, %s, protocol=%s): %s -> %s",
-        cfg.encoder,
-        benchmark.card.name,
-        settings.protocol,
-        ", ".join(f"{k} {v['per_image']:.2f}" for k, v in s.items()),
-        out / "correspondence.json",
-    )
-    record["output"] = str(out / "correspondence.json")
-    return record

@@ -9,35 +9,33 @@
   `detail=true`, the high-resolution branch encodes four tiles of the 2x upsampled image with the same encoder
   and resamples them into `detail_latents` extra tokens (a Q-Former stands in for the paper's Perceiver).
 
-A stage-1 checkpoint is a folder with `adapter_config.json` (`type`, `in_dim`, `out_dim`, the adapter's
-options, the encoder card name, the LLM) and `adapter.safetensors`. `extract.projector=<folder>` loads it to
-store projected tokens for the A score.
+The checkpoint format (a folder with `adapter_config.json` and `adapter.safetensors`) is `vrlab.checkpoint`;
+`extract.adapter=<folder>` loads one to store projected tokens for the A score. This module sits below both
+extraction and the MLLM, so neither imports the other.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vrlab.checkpoint import read_adapter
 from vrlab.errors import ShapeError, VrlabError
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
 ADAPTERS = ("linear", "mlp2x_gelu", "qformer", "tg")
 
 
-def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+def build_mlp(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """`linear` or `mlp2x_gelu`."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp2x_gelu":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-    raise VrlabError(f"unknown projector type '{kind}'; choose linear or mlp2x_gelu")
+    raise VrlabError(f"unknown projection type '{kind}'; choose linear or mlp2x_gelu")
 
 
 def _qformer(hidden: int, layers: int, heads: int, encoder_hidden: int, cross_every: int = 1) -> nn.Module:
@@ -111,13 +109,13 @@ class TGAdapter(nn.Module):
         self.zero = nn.Linear(hidden, in_dim)
         nn.init.zeros_(self.zero.weight)
         nn.init.zeros_(self.zero.bias)
-        self.projector = build_projector("mlp2x_gelu", in_dim, out_dim)
+        self.projector = build_mlp("mlp2x_gelu", in_dim, out_dim)
         self.detail = detail
         if detail:
             self.tile_pos = nn.Parameter(torch.zeros(1, 4 * num_tokens, in_dim))
             self.detail_query = nn.Parameter(torch.randn(1, detail_latents, hidden) * 0.02)
             self.resampler = _qformer(hidden, layers, heads, in_dim, cross_every=1)
-            self.detail_proj = build_projector("mlp2x_gelu", hidden, out_dim)
+            self.detail_proj = build_mlp("mlp2x_gelu", hidden, out_dim)
 
     def guidance(self, text: torch.Tensor) -> torch.Tensor:
         """M = zero(Q-Former(latents | text)); `text` is the pooled text embedding [B, text_dim]."""
@@ -142,12 +140,12 @@ class TGAdapter(nn.Module):
         return out
 
 
-class ProjectorAdapter(nn.Module):
+class MLPAdapter(nn.Module):
     """`linear` / `mlp2x_gelu` with the adapter call signature."""
 
     def __init__(self, kind: str, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.net = build_projector(kind, in_dim, out_dim)
+        self.net = build_mlp(kind, in_dim, out_dim)
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(tokens)
@@ -162,7 +160,7 @@ def build_adapter(config: Mapping[str, Any]) -> nn.Module:
         k: v for k, v in cfg.items() if k not in ("encoder", "llm", "num_tokens_in", "template", "stage")
     }
     if kind in ("linear", "mlp2x_gelu"):
-        return ProjectorAdapter(kind, in_dim, out_dim)
+        return MLPAdapter(kind, in_dim, out_dim)
     if kind == "qformer":
         return QFormerAdapter(in_dim, out_dim, **options)
     if kind == "tg":
@@ -170,41 +168,22 @@ def build_adapter(config: Mapping[str, Any]) -> nn.Module:
     raise VrlabError(f"unknown adapter type '{kind}'; choose one of {ADAPTERS}")
 
 
-def save_projector(module: nn.Module, folder: str | Path, config: Mapping[str, Any]) -> Path:
-    """Write a stage-1 checkpoint folder (weights as safetensors)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in ("type", "in_dim", "out_dim"):
-        if key not in config:
-            raise VrlabError(f"projector config needs '{key}'")
-    state = module.state_dict()
-    if isinstance(module, nn.Sequential | nn.Linear):  # a bare projector: store it in the adapter layout
-        state = {f"net.{k}": v for k, v in state.items()}
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-    return folder
-
-
 def load_adapter(
     folder: str | Path, expect_in_dim: int | None = None, encoder: str = ""
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a stage-1 checkpoint; a mismatch with the encoder's width is an error naming both."""
-    folder = Path(folder)
-    cfg_path = folder / CONFIG_FILE
-    if not cfg_path.exists() or not (folder / WEIGHTS_FILE).exists():
-        raise VrlabError(f"no adapter checkpoint at {folder} (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads(cfg_path.read_text())
+    config, state = read_adapter(folder)
     if expect_in_dim is not None and int(config["in_dim"]) != int(expect_in_dim):
         raise ShapeError(
-            f"projector {folder} expects input width {config['in_dim']} (trained on '{config.get('encoder', '?')}') "
+            f"adapter {folder} expects input width {config['in_dim']} (trained on '{config.get('encoder', '?')}') "
             f"but encoder '{encoder}' gives {expect_in_dim}"
         )
     module = build_adapter(config)
-    module.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    module.load_state_dict(state)
     return module.eval(), config
 
 
-def load_projector(
+def load_token_adapter(
     folder: str | Path, expect_in_dim: int | None = None, encoder: str = ""
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A checkpoint as a tokens -> projected tokens module (text-guided adapters run without guidance)."""
@@ -221,10 +200,3 @@ class _TokensOnly(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.adapter(tokens)
-
-
-def file_digest(folder: str | Path) -> str:
-    """SHA-256 of a checkpoint's weights, so a store keyed on a projector changes when the weights do."""
-    import hashlib
-
-    return hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]

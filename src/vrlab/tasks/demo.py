@@ -1,8 +1,11 @@
-"""`vrlab task=demo`: build tiny random encoders of every family, save them with each library's own save
-call under `demo/models/` (plus a full-size random ViT-S for `make perf`), write cards pointing at them to
-`demo/encoders/`, and render a few scenes to `demo/images/`. The Makefile's `demo` target then runs
+"""`vrlab task=demo | demo_llm | demo_scores`: the demo's own steps.
+
+`demo` builds tiny random encoders of every family, saves them with each library's own save call under
+`demo/models/` (plus a full-size random ViT-S for `make perf`), writes cards pointing at them to
+`demo/encoders/` and renders a few scenes to `demo/images/`. The Makefile's `demo` target then runs
 `task=features` on every family and two composites, generates the benchmark and extracts every demo encoder
-on it, loading the models back through the registry exactly as real checkpoints load.
+on it, loading the models back through the registry exactly as real checkpoints load. `demo_llm` builds and
+pretrains the tiny LLM; `demo_scores` writes the stand-in benchmark scores of the demo's law fit.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from vrlab.data.synthetic import write_demo_images
-from vrlab.runtime import to_plain
-from vrlab.tiny import BUILDERS, PERF_BUILDERS, build_tiny
+from vrlab.demo.tiny_encoders import BUILDERS, PERF_BUILDERS, build_tiny
+from vrlab.demo.tiny_llm import build_llm, default_corpus, llava_texts, pretrain_llm
+from vrlab.extract import run_extraction
+from vrlab.runtime import atomic_write_bytes, seed_everything, to_plain
+from vrlab.tasks.config import benchmark_from_cfg, extraction_request
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +46,6 @@ def demo_task(cfg: Any) -> dict[str, Any]:
 def demo_llm_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=demo_llm`: a tiny Llama whose tokenizer is trained on the generated benchmark's text, then
     pretrained on that text as a language model (real MLLMs start from a pretrained LLM)."""
-    from vrlab.runtime import seed_everything
-    from vrlab.tiny import build_llm, default_corpus, llava_texts, pretrain_llm
-
     folder = Path(cfg.llm.source)
     texts = llava_texts(Path(cfg.paths.data) / "synthetic" / "llava")
     seed_everything(cfg.seed)
@@ -65,9 +68,6 @@ def demo_scores_task(cfg: Any) -> dict[str, Any]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from vrlab.data.benchmarks import load_benchmark
-    from vrlab.extract import extract_store
-
     tasks = {
         "synth-folder-test": ("synth-folder-train", "synth-folder-test"),
         "synth-visda-validation": ("synth-visda-train", "synth-visda-validation"),
@@ -78,11 +78,8 @@ def demo_scores_task(cfg: Any) -> dict[str, Any]:
         for column, (train, test) in tasks.items():
             data = []
             for bench in (train, test):
-                store = extract_store(cfg, encoder, bench)
-                labels = {
-                    it.id: it.label
-                    for it in load_benchmark(bench, cfg.paths.data, to_plain(cfg.registry)).items
-                }
+                store = run_extraction(extraction_request(cfg, encoder, bench))
+                labels = {it.id: it.label for it in benchmark_from_cfg(cfg, bench, {}).items}
                 data.append((store.load().mean(dim=1).numpy(), np.array([labels[i] for i in store.ids])))
             probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
             probe.fit(*data[0])
@@ -94,8 +91,6 @@ def demo_scores_task(cfg: Any) -> dict[str, Any]:
             {k: round(v, 1) for k, v in row.items() if k != "representation"},
         )
     out = Path(cfg.law.scores or Path(cfg.paths.outputs) / "law" / "demo_probe_scores.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out.with_suffix(".tmp"), index=False)
-    out.with_suffix(".tmp").replace(out)
+    atomic_write_bytes(out, pd.DataFrame(rows).to_csv(index=False).encode())
     log.info("stand-in scores (linear probes, not MLLM benchmarks) -> %s", out)
     return {"scores": str(out), "rows": rows}

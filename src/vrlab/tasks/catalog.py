@@ -1,4 +1,5 @@
-"""`vrlab task=encoders`: the table of registered encoders (name, aliases, family, token dim, grid, source)."""
+"""`vrlab task=encoders` and `task=benchmarks`: the tables of registered cards (with `encoders.build=true`,
+each encoder is built and its measured dim and grid reported)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from vrlab.encoders.factory import build_encoder
 from vrlab.registry import Registry
 
 
@@ -19,7 +21,7 @@ def encoders_task(cfg: Any) -> list[dict[str, Any]]:
         dim, grid, note = card.dim, card.grid, ""
         if cfg.encoders.build:
             try:
-                encoder = registry.build(card.name)
+                encoder = build_encoder(registry, card.name)
                 dim, grid, note = encoder.dim, tuple(encoder.grid), "measured"
             except Exception as exc:  # a missing checkpoint should not hide the other rows
                 note = f"not built: {str(exc).splitlines()[0][:80]}"
@@ -54,8 +56,8 @@ def benchmarks_task(cfg: Any) -> list[dict[str, Any]]:
         {
             "name": c.name,
             "aliases": list(c.aliases),
-            "task": c.meta.get("task", "?"),
-            "metric": c.meta.get("metric", "?"),
+            "task": c.task,
+            "metric": c.metric,
             "loader": str(c.spec["_target_"]).rsplit(".", 1)[-1],
             "root": str(c.spec.get("root", "")),
         }

@@ -1,0 +1,99 @@
+"""Build encoders from cards: one card, a dot-joined composition, or a card dict stored in a checkpoint.
+
+The registry only finds and resolves cards; this module turns them into `VisionEncoder`s (and composites)
+and checks each built encoder against the shape its card declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vrlab.encoders.base import VisionEncoder
+from vrlab.encoders.compose import CompositeEncoder
+from vrlab.errors import CardError
+from vrlab.instantiate import instantiate_card
+from vrlab.registry import EncoderCard, Registry
+
+
+def build_card(card: EncoderCard, **extra: Any) -> VisionEncoder:
+    """Instantiate one encoder card (plus `extra` arguments) and attach the card."""
+    encoder = instantiate_card(card, **extra)
+    encoder.card = card
+    # Diffusion encoders learn their shape from a dry forward pass; checking it at build would cost one.
+    declared = card.dim is not None and card.grid is not None and not getattr(encoder, "lazy_shape", False)
+    if declared and (encoder.dim, tuple(encoder.grid)) != (card.dim, card.grid):
+        raise CardError(
+            f"encoder card {card.path} declares dim={card.dim}, grid={list(card.grid)} but '{card.name}' "
+            f"gives dim={encoder.dim}, grid={list(encoder.grid)}; fix the card's 'dim'/'grid' keys"
+        )
+    return encoder
+
+
+def build_encoder(
+    registry: Registry,
+    spec: str,
+    overrides: Mapping[str, Any] | None = None,
+    compose: Mapping[str, Any] | None = None,
+) -> VisionEncoder:
+    """Build the encoder (or composite) named by `spec` from `registry`'s cards.
+
+    `overrides` holds backend arguments: keys that are a member's name or alias map to that member's
+    overrides; other keys apply to every member (e.g. `{dinov2-l: {image_size: 336}}`).
+    `compose` holds the composite policy: `align` (equal|interpolate), `grid`, `normalize`.
+    """
+    cards = registry.resolve(spec)
+    overrides = dict(overrides or {})
+    member_keys = {k for c in cards for k in (c.name.lower(), *(a.lower() for a in c.aliases))}
+    shared = {k: v for k, v in overrides.items() if k.lower() not in member_keys}
+    encoders = []
+    for card in cards:
+        own: dict[str, Any] = {}
+        for key in (card.name, *card.aliases):
+            for ok, ov in overrides.items():
+                if ok.lower() == key.lower():
+                    own.update(ov)
+        encoders.append(build_card(card.with_overrides({**shared, **own})))
+    if len(encoders) == 1:
+        return encoders[0]
+    return CompositeEncoder(encoders, **dict(compose or {}))
+
+
+def load_encoder(
+    name: str,
+    overrides: Mapping[str, Any] | None = None,
+    compose: Mapping[str, Any] | None = None,
+    *,
+    registry: Registry | Mapping[str, Any] | None = None,
+) -> VisionEncoder:
+    """An encoder by registered name, alias, card file or dot-joined composition, in eval mode.
+
+    `registry` is a `Registry`, or the `registry` config section (`encoder_dirs`, `builtin`); by default the
+    built-in cards plus `VRLAB_ENCODER_DIRS` and entry points.
+    """
+    if not isinstance(registry, Registry):
+        registry = Registry.from_config(registry)
+    return build_encoder(registry, name, overrides, compose).eval()
+
+
+def encoder_from_dict(card: Mapping[str, Any], policy: Mapping[str, Any] | None = None) -> VisionEncoder:
+    """Rebuild an encoder (or composite) from `EncoderCard.to_dict()` output, without the card files.
+
+    Checkpoints store this, so a saved model rebuilds its exact encoder even where the cards differ.
+    """
+
+    def one(c: Mapping[str, Any]) -> VisionEncoder:
+        meta = {k: c[k] for k in ("task", "metric") if k in c}
+        return build_card(
+            EncoderCard(name=c["name"], spec=dict(c["spec"]), family=c.get("family", "unknown"), meta=meta)
+        )
+
+    if card.get("members"):
+        spec = dict(card.get("spec", {}))
+        policy = dict(
+            policy or {"align": spec.get("align", "equal"), "normalize": spec.get("normalize", False)}
+        )
+        if policy.get("align") == "interpolate":
+            policy.setdefault("grid", spec.get("grid"))
+        return CompositeEncoder([one(m) for m in card["members"]], **policy)
+    return one(card)

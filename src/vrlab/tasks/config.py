@@ -1,0 +1,49 @@
+"""Reading the config sections several tasks share: the registry, benchmarks and extraction requests."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from vrlab.data.benchmarks import load_benchmark
+from vrlab.data.loaders import Loader
+from vrlab.extract import ExtractionRequest
+from vrlab.runtime import to_plain
+
+
+def registry_cfg(cfg: Any) -> dict[str, Any]:
+    """The `registry` section as plain data."""
+    return to_plain(cfg.registry)
+
+
+def benchmark_from_cfg(
+    cfg: Any, name: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Loader:
+    """Benchmark `name` (default `cfg.benchmark`) under `paths.data`, with `benchmark_args` for the main one."""
+    args = to_plain(cfg.benchmark_args) if name is None and overrides is None else overrides
+    return load_benchmark(name or cfg.benchmark, cfg.paths.data, registry_cfg(cfg), args)
+
+
+def extraction_request(cfg: Any, encoder: str, benchmark: str, **changes: Any) -> ExtractionRequest:
+    """The extraction the config asks for, with `changes` (limit, adapter, encoder_args...) on top."""
+    request = ExtractionRequest(
+        encoder=encoder,
+        benchmark=benchmark,
+        encoder_args=to_plain(cfg.encoder_args),
+        compose=to_plain(cfg.compose),
+        benchmark_args=to_plain(cfg.benchmark_args),
+        registry=registry_cfg(cfg),
+        data_root=str(cfg.paths.data),
+        outputs=str(cfg.paths.outputs),
+        out=cfg.extract.out,
+        batch_size=cfg.extract.batch_size,
+        shard_size=cfg.extract.shard_size,
+        num_workers=cfg.extract.num_workers,
+        store_dtype=cfg.extract.store_dtype,
+        on_bad_image=cfg.data.on_bad_image,
+        device=str(cfg.device),
+        dtype=str(cfg.dtype),
+        seed=cfg.seed,
+    )
+    return dataclasses.replace(request, **{k: to_plain(v) for k, v in changes.items()})

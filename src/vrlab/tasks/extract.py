@@ -1,0 +1,36 @@
+"""`vrlab task=extract`: one encoder over one benchmark into an EmbeddingStore (one slice per rank under
+torchrun or accelerate launch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vrlab.extract import distributed_context, run_extraction
+from vrlab.runtime import seed_everything
+from vrlab.tasks.config import extraction_request
+
+
+def extract_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=extract`; under torchrun/accelerate each rank extracts its slice of shards."""
+    seed_everything(cfg.seed)
+    rank, world = distributed_context()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        request = extraction_request(
+            cfg, cfg.encoder, cfg.benchmark, adapter=cfg.extract.adapter, limit=cfg.extract.limit
+        )
+        store = run_extraction(request, distributed=True)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if store is None:
+        return {"rank": rank}
+    return {
+        "path": str(store.path),
+        "items": len(store),
+        "skipped": store.skipped,
+        "shapes": store.manifest["shapes"],
+    }

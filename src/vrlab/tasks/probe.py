@@ -1,0 +1,225 @@
+"""The LMVR tasks: `lmvr_features` (hidden-state features of a stage-2 model into stores), `probe` (a linear
+probe on stored features), `probe_table` (every probe result as one table) and `attention` (word-to-image
+attention maps)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from vrlab.data.images import decode_image
+from vrlab.errors import VrlabError
+from vrlab.mllm.model import VisionLanguageModel
+from vrlab.probes.attention import overlay, word_attention
+from vrlab.probes.linear import corruption_groups, fit_and_evaluate, robustness_summary
+from vrlab.probes.lmvr import write_lmvr_stores
+from vrlab.report import markdown_table
+from vrlab.runtime import (
+    atomic_write_bytes,
+    atomic_write_json,
+    resolve_device,
+    run_dir,
+    seed_everything,
+    slug,
+    to_plain,
+)
+from vrlab.store import EmbeddingStore, is_complete
+from vrlab.tasks.config import benchmark_from_cfg
+
+log = logging.getLogger(__name__)
+
+
+def lmvr_stores(cfg: Any, benchmark: Any, model: Any = None) -> tuple[Path, dict[str, EmbeddingStore]]:
+    """The three stores of `benchmark` for `cfg.checkpoint` and `cfg.lmvr`, computed once (keyed by settings)."""
+    if not cfg.checkpoint:
+        raise VrlabError("LMVR features need checkpoint=<a stage-2 model folder>")
+    lcfg = cfg.lmvr
+    options = {
+        "prompt": lcfg.prompt,
+        "layers": list(lcfg.layers),
+        "token_sets": list(lcfg.token_sets),
+        "poolings": list(lcfg.poolings),
+        "moments": list(lcfg.moments),
+        "max_new_tokens": lcfg.max_new_tokens,
+    }
+    settings = {
+        "checkpoint": str(Path(cfg.checkpoint).resolve()),
+        "benchmark": benchmark.card.name,
+        **options,
+    }
+    out = run_dir(cfg.paths.outputs, f"lmvr/{slug(benchmark.card.name)}", Path(cfg.checkpoint).name, settings)
+    kinds = ("llm", "encoder", "adapter")
+    if not all(is_complete(out / k) for k in kinds):
+        model = (
+            model or VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device)).eval()
+        )
+        return out, write_lmvr_stores(
+            model, benchmark.items, out, settings, batch_size=lcfg.batch_size, **options
+        )
+    return out, {k: EmbeddingStore(out / k) for k in kinds}
+
+
+def lmvr_features_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=lmvr_features checkpoint=<stage-2 model> benchmark=<images>`: features into three stores."""
+    seed_everything(cfg.seed)
+    bench = benchmark_from_cfg(cfg)
+    out, stores = lmvr_stores(cfg, bench)
+    rows = stores["llm"].manifest["rows"]
+    log.info("LMVR features of %d images -> %s (%d LLM rows)", len(bench), out, len(rows))
+    return {"folder": str(out), "rows": rows}
+
+
+def _features(cfg: Any, benchmark: str, kind: str, row: str) -> tuple[torch.Tensor, list[Any], Any]:
+    """Features `[N, D]` of one benchmark for `kind` (llm | encoder | adapter) and a row name, plus labels."""
+    bench = benchmark_from_cfg(cfg, benchmark, {})
+    out, stores = lmvr_stores(cfg, bench)
+    store = stores[kind]
+    rows = store.manifest["rows"]
+    if row not in rows:
+        raise VrlabError(f"feature row '{row}' is not in {out / kind} (rows: {', '.join(rows)})")
+    feats = store.load()[:, rows.index(row)]
+    labels = {it.id: it.label for it in bench.items}
+    return feats, [labels[i] for i in store.ids], bench
+
+
+def probe_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=probe checkpoint=... probe.train=<bench> probe.test=[...] probe.features=llm probe.row=...`."""
+    pcfg = cfg.probe
+    if not cfg.checkpoint:
+        raise VrlabError("task=probe needs checkpoint=<a stage-2 model folder>")
+    row = pcfg.row or (
+        f"{pcfg.moment}/{pcfg.token_set}/{pcfg.pooling}/layer{pcfg.layer}"
+        if pcfg.features == "llm"
+        else f"{pcfg.features}/mean"
+    )
+    if row.startswith("before/generated"):
+        raise VrlabError("token set 'generated' does not exist before generation; use probe.moment=after")
+    train_x, train_y, bench = _features(cfg, pcfg.train, pcfg.features, row)
+    multilabel = bench.task == "multilabel"
+    tests = {}
+    for name in to_plain(pcfg.test):
+        x, y, tb = _features(cfg, name, pcfg.features, row)
+        if tb.classes != bench.classes:
+            raise VrlabError(
+                f"test benchmark '{name}' has classes {tb.classes}, training '{pcfg.train}' has {bench.classes}"
+            )
+        tests.update(corruption_groups(name, x, y, tb.items))
+    result = fit_and_evaluate(
+        train_x,
+        train_y,
+        tests,
+        len(bench.classes),
+        multilabel,
+        weight_decays=to_plain(pcfg.weight_decays),
+        val_fraction=pcfg.val_fraction,
+        seed=cfg.seed,
+    )
+    result.update(
+        features=pcfg.features,
+        row=row,
+        train=pcfg.train,
+        label=pcfg.label or f"{pcfg.features}:{row}",
+        protocol={
+            "classifier": "logistic regression, L-BFGS, standardised features",
+            "selection": f"weight decay on a seeded {pcfg.val_fraction:.0%} validation split, then refit",
+            "metric": "mAP (sklearn AP definition)" if multilabel else "top-1 accuracy",
+        },
+    )
+    if any("/" in k for k in result["test"]):
+        result["robustness"] = robustness_summary(result["test"])
+    out = run_dir(
+        cfg.paths.outputs,
+        "probe",
+        pcfg.train,
+        {
+            "row": row,
+            "features": pcfg.features,
+            "test": to_plain(pcfg.test),
+            "checkpoint": str(cfg.checkpoint),
+            "wd": to_plain(pcfg.weight_decays),
+        },
+    )
+    atomic_write_json(out / "probe.json", result)
+    log.info(
+        "probe %s [%s] trained on %s: %s",
+        pcfg.features,
+        row,
+        pcfg.train,
+        {k: {m: round(v, 2) for m, v in r.items()} for k, r in result["test"].items() if k.count("/") < 2},
+    )
+    result["output"] = str(out / "probe.json")
+    return result
+
+
+def probe_table_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=probe_table`: every probe.json under outputs/probe as one table (CSV and markdown)."""
+    rows = []
+    for path in sorted(glob(str(Path(cfg.paths.outputs) / "probe" / "*" / "probe.json"))):
+        r = json.loads(Path(path).read_text())
+        row = {
+            "features": r["features"],
+            "row": r["row"],
+            "train": r["train"],
+            "weight_decay": r["weight_decay"],
+        }
+        for test, m in r["test"].items():
+            if test.count("/") < 2:
+                row.update({f"{test}:{k}": round(v, 2) for k, v in m.items() if isinstance(v, float)})
+        if r.get("robustness"):
+            row.update({f"corruption-{k}": round(v, 2) for k, v in r["robustness"]["per_category"].items()})
+        rows.append(row)
+    if not rows:
+        raise VrlabError(
+            f"no probe results under {Path(cfg.paths.outputs) / 'probe'}; run vrlab task=probe first"
+        )
+    table = pd.DataFrame(rows).sort_values(["features", "row"])
+    out = Path(cfg.paths.outputs) / "probe" / "table.csv"
+    atomic_write_bytes(out, table.to_csv(index=False).encode())
+    atomic_write_bytes(out.with_suffix(".md"), markdown_table(table).encode())
+    print(table.to_string(index=False))
+    return {"table": str(out), "rows": len(table)}
+
+
+def attention_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=attention checkpoint=... attention.image=<file> attention.words=[...]`."""
+    if not cfg.checkpoint or not cfg.attention.image:
+        raise VrlabError("task=attention needs checkpoint=<stage-2 model> and attention.image=<file>")
+    model = VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device)).eval()
+    image = decode_image(cfg.attention.image)
+    res = word_attention(
+        model,
+        image,
+        cfg.generate.prompt,
+        cfg.attention.layer,
+        cfg.lmvr.max_new_tokens,
+        to_plain(cfg.attention.words) or None,
+    )
+    out = Path(
+        cfg.attention.out
+        or run_dir(
+            cfg.paths.outputs,
+            "attention",
+            Path(cfg.attention.image).stem,
+            {"ckpt": str(cfg.checkpoint), "layer": cfg.attention.layer},
+        )
+    )
+    files = [
+        str(
+            overlay(
+                image,
+                m,
+                out / f"{re.sub(r'[^A-Za-z0-9_@-]+', '_', k)}.png",
+                f"'{k}' (layer {cfg.attention.layer})",
+            )
+        )
+        for k, m in res["maps"].items()
+    ]
+    log.info("response: %s; %d maps -> %s", res["text"], len(files), out)
+    return {"text": res["text"], "files": files}
