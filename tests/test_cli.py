@@ -185,3 +185,84 @@ def test_make_demo_end_to_end(tmp_path):
             and s["tokens_shape"][0] == 8
             and s["tokens_shape"][1] == s["grid"][0] * s["grid"][1]
         )
+
+
+def test_readme_notebook_session_runs(tiny_root, data_root, tmp_path, monkeypatch):
+    """The README's notebook block, run as written with the demo's folders pointed at the test fixtures."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- notebook -->\n```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('"demo/encoders"', repr(str(tiny_root / "cards"))).replace(
+        '"demo/data"', repr(str(data_root))
+    )
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    rows, fit = namespace["rows"], namespace["fit"]
+    assert [r["representation"] for r in rows] == namespace["candidates"]
+    assert all(0 <= r["C"] <= 100 and -1 <= r["A"] <= 1 and 0 <= r["probe"] <= 100 for r in rows)
+    assert next(r for r in rows if r["representation"] == "tiny/clip")["A"] == pytest.approx(1.0, abs=1e-5)
+    # the law fit equals an independent least-squares fit of the same normalised columns
+    import numpy as np
+
+    cols = {k: np.array([r[k] for r in rows], float) for k in ("A", "C", "probe")}
+    norm = {k: (v - v.min()) / (v.max() - v.min()) for k, v in cols.items()}
+    design = np.c_[np.ones(len(rows)), norm["A"], norm["C"]]
+    coef, *_ = np.linalg.lstsq(design, norm["probe"], rcond=None)
+    got = fit["benchmarks"]["probe"]["coefficients"]
+    assert [got["1"], got["A"], got["C"]] == pytest.approx(coef.tolist(), abs=1e-8)
+    assert (tmp_path / "outputs" / "stores" / "synth-spair").is_dir()
+
+
+def test_correspondence_refuses_a_store_of_another_frame(tiny_root, data_root, tmp_path):
+    import vrlab
+
+    where = {"registry": {"encoder_dirs": [str(tiny_root / "cards")]}, "data_root": str(data_root)}
+    where["outputs"] = str(tmp_path)
+    plain = vrlab.extract_store("tiny/clip", "synth-spair", **where)  # the card's center_crop
+    pairs = vrlab.load_benchmark("synth-spair", str(data_root)).pairs
+    with pytest.raises(VrlabError, match="center_crop.*assume letterbox"):
+        vrlab.correspondence(plain, pairs, "standard")
+    store, settings = vrlab.correspondence_store("tiny/clip", "synth-spair", **where)
+    assert vrlab.correspondence(store, pairs, settings)["n_pairs"] == len(pairs)
+
+
+def test_terminal_shows_vrlab_only_and_the_log_file_keeps_library_chatter(tiny_root, photo_files, tmp_path):
+    vrlab = Path(sys.executable).parent / "vrlab"
+    # building tiny CLIP and SD makes transformers and diffusers warn (token ids, scheduler deprecations)
+    demo = [
+        str(vrlab),
+        "task=demo",
+        "demo.families=[clip,sd]",
+        "demo.images=1",
+        f"demo.root={tmp_path / 'd'}",
+    ]
+    proc = subprocess.run(
+        [*demo, f"paths.outputs={tmp_path}"], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    terminal = proc.stdout + proc.stderr
+    log = "".join(p.read_text() for p in (tmp_path / ".hydra" / "demo").glob("*.log"))
+    assert "steps_offset" in log, log + terminal  # the chatter is kept in the job's log file
+    assert "steps_offset" not in terminal and "bos_token_id" not in terminal and "Warning" not in terminal
+    assert "built tiny sd" in terminal  # vrlab's own progress
+    loud = subprocess.run(
+        [*demo, f"paths.outputs={tmp_path / 'loud'}", "verbose=true"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert "steps_offset" in loud.stdout + loud.stderr
+
+    features = [
+        str(vrlab),
+        "task=features",
+        "encoder=tiny/sd",
+        f"features.images={photo_files[0].parent}",
+        f"registry.encoder_dirs=[{tiny_root / 'cards'}]",
+        f"paths.outputs={tmp_path}",
+    ]
+    proc = subprocess.run(features, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0 and "Loading pipeline components" not in proc.stdout + proc.stderr
+    assert "digest" in proc.stdout + proc.stderr

@@ -423,3 +423,23 @@ def test_alignment_and_law_tasks_end_to_end(compose_cfg, tiny_root, data_root, t
     assert len(policy["results"]["bench"]["trainings_AC"]) == 20 and Path(policy["output"]).exists()
     ranked = run_task(compose_cfg("task=law_recommend", "law.bootstrap=50"))
     assert [r["representation"] for r in ranked["bench"]] == ["r8"]
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_law_plots_and_surface_work_at_any_degree(degree, tmp_path):
+    import json
+
+    from vrlab.report import law_surface, plot_fit
+
+    table, _ = synthetic_table(n=14, noise=0.05, seed=3)
+    result = fit_law(table, degree=degree)
+    fit = result["benchmarks"]["bench"]
+    assert len(fit["coefficients"]) == {1: 3, 2: 6, 3: 10}[degree]
+    # the surface evaluated at the candidates is the fit's own in-sample prediction, also after a JSON trip
+    # (which sorts the coefficient keys)
+    coefs = json.loads(json.dumps(fit["coefficients"], sort_keys=True))
+    surface = law_surface(coefs, np.array(fit["a"]), np.array(fit["c"]))
+    np.testing.assert_allclose(surface, fit["predicted"], atol=1e-9)
+    paths = plot_fit(result, table, tmp_path)
+    assert [p.name for p in paths] == ["predicted_vs_measured.png", "ac_plane.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

@@ -44,7 +44,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 600) -> Any:
 
 def default_corpus() -> list[str]:
     """Text like the generated benchmark's captions and conversations, for the tiny tokenizer."""
-    from vrlab.data.synthetic import COLOURS, SHAPES
+    from vrlab.data.scenes import COLOURS, SHAPES
     from vrlab.mllm.conversation import VICUNA_SYSTEM
 
     words = [

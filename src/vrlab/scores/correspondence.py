@@ -266,6 +266,13 @@ def correspondence(
         settings = protocol_settings(settings)
     if settings.flip and flipped is None:
         raise VrlabError("the flip test needs the encoder: pass flipped=<item id -> flipped tokens>")
+    transform = store.settings.get("encoder", {}).get("transform", {})
+    resizes = {t.get("resize") for t in transform.get("members", [transform])} - {None}
+    if resizes - {settings.input_resize}:
+        raise VrlabError(
+            f"store {store.path} holds {sorted(resizes)} inputs but protocol '{settings.protocol}' keypoints "
+            f"assume {settings.input_resize}; extract it with vrlab.correspondence_store(...)"
+        )
     grid = tuple(store.manifest["grid"])
     frame = settings.frame or max(store.manifest["image_size"])
 

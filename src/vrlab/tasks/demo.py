@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vrlab.data.synthetic import write_demo_images
+from vrlab.data.scenes import write_demo_images
 from vrlab.demo.tiny_encoders import BUILDERS, PERF_BUILDERS, build_tiny
 from vrlab.demo.tiny_llm import build_llm, default_corpus, llava_texts, pretrain_llm
 from vrlab.extract import run_extraction
