@@ -179,3 +179,10 @@ def test_makefile_encoder_lists_resolve(tiny_root):
         for name in names:
             if name != "random/vit-s16":  # built by the demo for make perf, not a test fixture
                 enc.resolve(name)
+
+
+@pytest.mark.parametrize(("launcher", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_group_composes(launcher, target):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)

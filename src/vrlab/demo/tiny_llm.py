@@ -100,18 +100,14 @@ def build_llm(folder: Path, corpus: list[str] | None = None, kind: str = "llama"
 
 
 def llava_texts(llava_root: str | Path) -> list[str]:
-    """Captions and Vicuna-formatted conversations of a generated LLaVA JSON folder, as plain text."""
-    from vrlab.mllm.conversation import VICUNA_SYSTEM
+    """Captions and `vicuna_v1`-formatted conversations (placeholders dropped) of a generated LLaVA JSON folder."""
+    from vrlab.mllm.conversation import IMAGE_TOKEN, vicuna_text
 
     root = Path(llava_root)
     texts = [s["conversations"][1]["value"] for s in json.loads((root / "captions.json").read_text())]
     for s in json.loads((root / "conversations.json").read_text()):
-        turns = s["conversations"]
-        body = " ".join(
-            f"USER: {turns[i]['value'].replace('<image>', '').strip()} ASSISTANT: {turns[i + 1]['value']}</s>"
-            for i in range(0, len(turns) - 1, 2)
-        )
-        texts.append(f"{VICUNA_SYSTEM} {body}")
+        turns = [{**t, "value": t["value"].replace(IMAGE_TOKEN, "").strip()} for t in s["conversations"]]
+        texts.append(vicuna_text(turns))
     return texts
 
 

@@ -42,6 +42,27 @@ def check_placeholders(conversations: Sequence[dict[str, str]], has_image: bool,
         raise VrlabError(f"sample '{sample_id}' has an '{IMAGE_TOKEN}' placeholder but no image")
 
 
+def vicuna_segments(turns: Sequence[dict[str, str]], eos: str) -> list[tuple[str, bool]]:
+    """(text, is_answer) pieces in LLaVA's `vicuna_v1` format: system prompt, `USER: ... ASSISTANT: ...eos`."""
+    out: list[tuple[str, bool]] = []
+    prefix = VICUNA_SYSTEM + " "
+    for turn in turns:
+        if turn["from"] == "human":
+            value = turn["value"]
+            if IMAGE_TOKEN in value:  # LLaVA moves the placeholder to the front of its turn
+                value = IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()
+            out.append((prefix + f"USER: {value} ASSISTANT:", False))
+            prefix = ""
+        else:
+            out.append((f" {turn['value']}{eos}", True))
+    return out
+
+
+def vicuna_text(turns: Sequence[dict[str, str]], eos: str = "</s>") -> str:
+    """A whole conversation as `vicuna_v1` text (what the LLM reads in stage 2)."""
+    return "".join(text for text, _ in vicuna_segments(turns, eos))
+
+
 def segments(
     conversations: Sequence[dict[str, str]], template: str, tokenizer: Any, generation: bool = False
 ) -> list[tuple[str, bool]]:
@@ -55,18 +76,7 @@ def segments(
         image = IMAGE_TOKEN if any(IMAGE_TOKEN in t["value"] for t in turns) else ""
         return [(image, False)] + ([] if generation else [(answer + "\n", True)])
     if template == "vicuna_v1":
-        out: list[tuple[str, bool]] = []
-        prefix = VICUNA_SYSTEM + " "
-        for turn in turns:
-            if turn["from"] == "human":
-                value = turn["value"]
-                if IMAGE_TOKEN in value:  # LLaVA moves the placeholder to the front of its turn
-                    value = IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()
-                out.append((prefix + f"USER: {value} ASSISTANT:", False))
-                prefix = ""
-            else:
-                out.append((f" {turn['value']}{eos}", True))
-        return out
+        return vicuna_segments(turns, eos)
     if template == "chat_template":
         if not getattr(tokenizer, "chat_template", None):
             raise VrlabError(

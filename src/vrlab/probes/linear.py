@@ -221,9 +221,6 @@ def fit_and_evaluate(
     }
 
 
-# --- tasks -------------------------------------------------------------------------------------------------
-
-
 def robustness_summary(tests: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Per-corruption and per-category (noise, blur, weather, digital) mean accuracy over severities."""
     from vrlab.data.loaders import IMAGENET_C_CATEGORIES

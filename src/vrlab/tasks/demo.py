@@ -14,10 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from vrlab.data.scenes import write_demo_images
 from vrlab.demo.tiny_encoders import BUILDERS, PERF_BUILDERS, build_tiny
 from vrlab.demo.tiny_llm import build_llm, default_corpus, llava_texts, pretrain_llm
 from vrlab.extract import run_extraction
+from vrlab.probes.linear import fit_and_evaluate
 from vrlab.runtime import atomic_write_bytes, seed_everything, to_plain
 from vrlab.tasks.config import benchmark_from_cfg, extraction_request
 
@@ -58,16 +61,11 @@ def demo_llm_task(cfg: Any) -> dict[str, Any]:
 def demo_scores_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=demo_scores`: stand-in benchmark scores for the demo's law fit.
 
-    MLLM benchmark scores arrive with the training and evaluation stages; until then the demo scores each
-    encoder by linear-probe accuracy (scikit-learn logistic regression on standardised, mean-pooled tokens)
-    on the generated ImageFolder split and on the VisDA-style domain shift. The CSV says so in its name.
+    MLLM benchmark scores arrive with the evaluation stage; until then the demo scores each encoder by the
+    accuracy of vrlab's linear probe (the LMVR probe: standardised features, weight decay chosen on a seeded
+    validation split) on mean-pooled tokens, on the generated ImageFolder split and on the VisDA-style domain
+    shift. The CSV says so in its name.
     """
-    import numpy as np
-    import pandas as pd
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     tasks = {
         "synth-folder-test": ("synth-folder-train", "synth-folder-test"),
         "synth-visda-validation": ("synth-visda-train", "synth-visda-validation"),
@@ -76,14 +74,23 @@ def demo_scores_task(cfg: Any) -> dict[str, Any]:
     for encoder in to_plain(cfg.demo.law_encoders):
         row: dict[str, Any] = {"representation": encoder}
         for column, (train, test) in tasks.items():
-            data = []
+            data, classes = [], 0
             for bench in (train, test):
                 store = run_extraction(extraction_request(cfg, encoder, bench))
-                labels = {it.id: it.label for it in benchmark_from_cfg(cfg, bench, {}).items}
-                data.append((store.load().mean(dim=1).numpy(), np.array([labels[i] for i in store.ids])))
-            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
-            probe.fit(*data[0])
-            row[column] = 100 * float(probe.score(*data[1]))
+                loader = benchmark_from_cfg(cfg, bench, {})
+                labels = {it.id: it.label for it in loader.items}
+                data.append((store.load().mean(dim=1), [labels[i] for i in store.ids]))
+                classes = max(classes, len(loader.classes))
+            result = fit_and_evaluate(
+                *data[0],
+                {test: data[1]},
+                classes,
+                False,
+                weight_decays=to_plain(cfg.probe.weight_decays),
+                val_fraction=cfg.probe.val_fraction,
+                seed=cfg.seed,
+            )
+            row[column] = result["test"][test]["accuracy"]
         rows.append(row)
         log.info(
             "stand-in scores of %s: %s",
