@@ -179,7 +179,18 @@ def load_adapter(
             f"but encoder '{encoder}' gives {expect_in_dim}"
         )
     module = build_adapter(config)
-    module.load_state_dict(state)
+    expected = module.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise ShapeError(
+                f"adapter {folder}: its config (in_dim={config['in_dim']}, out_dim={config['out_dim']}) builds "
+                f"'{key}' of shape {list(expected[key].shape)} but its weights hold {list(tensor.shape)}; "
+                "the config and the weights come from different adapters"
+            )
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # missing or unexpected keys
+        raise ShapeError(f"adapter {folder}: the weights do not fit its config: {str(exc).splitlines()[0]}") from exc
     return module.eval(), config
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import hydra
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 
 from vrlab.errors import VrlabError
 from vrlab.resources import builtin_dir
+from vrlab.settings import check_settings
 
 TASKS = {
     "encoders": "vrlab.tasks.catalog:encoders_task",
@@ -47,10 +49,11 @@ CONF_DIR = builtin_dir("conf").resolve()
 
 
 def run_task(cfg: DictConfig) -> object:
-    """Run the task named by `cfg.task`."""
+    """Run the task named by `cfg.task`, once its numeric settings pass `check_settings`."""
     name = cfg.task
     if name not in TASKS:
         raise VrlabError(f"unknown task '{name}'; choose one of: {', '.join(sorted(TASKS))}")
+    check_settings(cfg)
     module, _, func = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), func)(cfg)
 
@@ -79,14 +82,35 @@ def quiet_libraries() -> None:
             lib_logging.disable_progress_bar()
 
 
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for a failure the user can fix, or None for a bug (which keeps its traceback).
+
+    The only place errors become messages: every `VrlabError` subclass, file-system errors that name a path
+    (no permission, disk full, a file where a folder belongs) and config errors (a missing or mistyped key).
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, VrlabError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, OmegaConfBaseException):
+        return f"config: {str(exc).splitlines()[0]}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> object:
-    if not cfg.get("verbose", False):
+    verbose = bool(cfg.get("verbose", False))
+    if not verbose:
         quiet_libraries()
     try:
         return run_task(cfg)
-    except VrlabError as exc:
-        log.error("%s", exc)
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None or verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", message)
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 

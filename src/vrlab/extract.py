@@ -25,16 +25,22 @@ from tqdm import tqdm
 
 from vrlab.data.images import decode_image
 from vrlab.data.loaders import Item
-from vrlab.encoders.base import VisionEncoder, autocast_context, collate_pixels, move_pixels
+from vrlab.encoders.base import VisionEncoder, autocast_context, check_finite, collate_pixels, move_pixels
 from vrlab.errors import ImageDecodeError, VrlabError
+from vrlab.fingerprint import card_fingerprint, items_fingerprint
 from vrlab.runtime import resolve_device, slug, to_plain
+from vrlab.settings import check_count
 from vrlab.store import EmbeddingStore, StoreWriter, store_key
 
 log = logging.getLogger(__name__)
 
 
 class EncodedImages(Dataset):
-    """Decode and transform benchmark images in DataLoader workers; unreadable images raise or are skipped."""
+    """Decode and transform benchmark images in DataLoader workers.
+
+    An unreadable image comes back as its error message instead of pixels, so the main process (not the
+    worker, whose traceback would bury the file name) raises it, or skips the image under `skip`.
+    """
 
     def __init__(
         self, items: Sequence[Item], transform: torch.nn.Module, on_bad_image: str = "error"
@@ -46,20 +52,19 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
+    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
         try:
-            return index, self.transform(decode_image(self.items[index].path))
-        except ImageDecodeError:
-            if self.on_bad_image == "skip":
-                return index, None
-            raise
+            return index, self.transform(decode_image(self.items[index].path)), None
+        except ImageDecodeError as exc:
+            return index, None, str(exc)
 
 
-def collate(batch: Sequence[tuple[int, Any]]) -> tuple[torch.Tensor, Any, list[int]]:
-    good = [(i, p) for i, p in batch if p is not None]
-    bad = [i for i, p in batch if p is None]
+def collate(batch: Sequence[tuple[int, Any, str | None]]) -> tuple[torch.Tensor, Any, list[int], list[str]]:
+    good = [(i, p) for i, p, _ in batch if p is not None]
+    bad = [i for i, p, _ in batch if p is None]
+    errors = [e for _, p, e in batch if p is None and e]
     pixels = collate_pixels([p for _, p in good]) if good else None
-    return torch.tensor([i for i, _ in good], dtype=torch.long), pixels, bad
+    return torch.tensor([i for i, _ in good], dtype=torch.long), pixels, bad, errors
 
 
 def distributed_context() -> tuple[int, int]:
@@ -96,6 +101,8 @@ def extract(
     """Extract into the store at `path`; returns the store on rank 0 once complete (None on other ranks)."""
     if not items:
         raise VrlabError("nothing to extract: the benchmark has no items")
+    if on_bad_image not in ("error", "skip"):
+        raise VrlabError(f"data.on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
     device = torch.device(device)
     writer = StoreWriter(path, settings, [it.id for it in items], shard_size, store_dtype)
     mine = [s for s in rank_shards(writer.num_shards, rank, world) if not writer.done(s)]
@@ -129,14 +136,23 @@ def extract(
         total = sum(len(writer.shard_range(s)) for s in mine)
         bar = tqdm(total=total, unit="img", desc=f"extract {encoder.name}", disable=not progress or rank != 0)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for index, pixels, bad in loader:
+            for index, pixels, bad, errors in loader:
+                if errors and on_bad_image == "error":
+                    raise ImageDecodeError(f"{errors[0]} (data.on_bad_image=skip skips unreadable images)")
                 shard = int((index[0] if len(index) else bad[0]) // shard_size)
                 acc = pending[shard]
                 acc["skipped"] += [items[i].id for i in bad]
                 if pixels is not None:
                     with autocast_context(device, dtype):
                         out = encoder(move_pixels(pixels, device)).check_finite(encoder.name)
-                        tokens = adapter(out.tokens) if adapter is not None else out.tokens
+                        tokens = out.tokens
+                        if adapter is not None:
+                            tokens = adapter(tokens)
+                            check_finite(
+                                tokens,
+                                f"the adapter after '{encoder.name}' produced non-finite tokens",
+                                "its weights hold NaN or inf values; retrain or replace the adapter",
+                            )
                     acc["index"].append(index)
                     acc["tokens"].append(tokens.float().cpu())
                     acc["pooled"].append(
@@ -172,20 +188,28 @@ def _write(writer: StoreWriter, shard: int, acc: dict[str, list]) -> None:
 def extraction_settings(
     encoder: VisionEncoder,
     benchmark: Any,
+    items: Sequence[Item],
     device: torch.device,
     dtype: str,
     adapter: Mapping[str, Any] | None,
     seed: int,
 ) -> dict[str, Any]:
-    """Everything that changes the stored numbers (the data root is left out: moving the data keeps the store)."""
+    """Everything that changes the stored numbers. The data root itself is left out (moving the data keeps the
+    store), but each image's size and modification time are in, so changed data never reuses a store."""
     spec = {k: v for k, v in benchmark.card.spec.items() if k != "root"}
     compute = "bf16" if device.type == "cuda" and dtype in ("auto", "bfloat16", "bf16") else "fp32"
+    settings = encoder.settings()
     return {
-        "encoder": encoder.settings(),
+        "encoder": settings,
         "benchmark": {"name": benchmark.card.name, "spec": spec},
         "compute": compute,
         "projector": adapter,  # the key's old name, kept so existing stores keep their keys
         "seed": seed,
+        # what the numbers come from beyond the settings: weight files and image files (size, mtime)
+        "fingerprint": {
+            "weights": card_fingerprint(settings["card"] or {}),
+            "images": items_fingerprint([it.path for it in items]),
+        },
     }
 
 
@@ -218,6 +242,17 @@ class ExtractionRequest:
     dtype: str = "auto"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for key, minimum, nullable in (
+            ("batch_size", 1, False),
+            ("shard_size", 1, False),
+            ("num_workers", 0, False),
+            ("limit", 1, True),
+        ):
+            check_count(f"extract.{key}", getattr(self, key), minimum, nullable)
+        if self.on_bad_image not in ("error", "skip"):
+            raise VrlabError(f"data.on_bad_image='{self.on_bad_image}' must be 'error' or 'skip'")
+
 
 def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> EmbeddingStore | None:
     """Extract (or reuse) the store of `request.encoder` on `request.benchmark`; None on ranks other than 0."""
@@ -246,10 +281,12 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
             log.warning("adapter %s was trained on '%s', not '%s'", r.adapter, acfg["encoder"], encoder.name)
         adapter_info = {"config": acfg, "weights": file_digest(r.adapter)}
     items = benchmark.items[: r.limit] if r.limit else benchmark.items
-    settings = extraction_settings(encoder, benchmark, device, r.dtype, adapter_info, r.seed)
+    settings = extraction_settings(encoder, benchmark, items, device, r.dtype, adapter_info, r.seed)
     key = store_key(settings, [it.id for it in items], r.shard_size, r.store_dtype)
     default = Path(r.outputs) / "stores" / slug(benchmark.card.name) / f"{slug(encoder.name)}-{key[:12]}"
     path = Path(r.out or default)
+    if path.exists() and not path.is_dir():
+        raise VrlabError(f"extract.out={path} is an existing file; name a folder for the store")
     store = extract(
         encoder,
         items,

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from vrlab.data.images import decode_image
 from vrlab.encoders.base import VisionEncoder, autocast_context, collate_pixels, move_pixels
+from vrlab.errors import ImageDecodeError, VrlabError
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,35 @@ def member_slices(encoder: VisionEncoder) -> list[tuple[str, slice]]:
 
 @torch.inference_mode()
 def run_features(
-    encoder: VisionEncoder, paths: list[Any], batch_size: int = 8, device: str = "cpu", dtype: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Tokens `[N_images, N_tokens, D]` (and pooled) of `encoder` on image files, in file order."""
+    encoder: VisionEncoder,
+    paths: list[Any],
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "auto",
+    on_bad_image: str = "error",
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Tokens `[N_images, N_tokens, D]` (and pooled) of `encoder` on image files, in file order, and the files
+    skipped as unreadable (`on_bad_image=skip`; with `error` the first one raises)."""
+    if on_bad_image not in ("error", "skip"):
+        raise VrlabError(f"data.on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
     dev = torch.device(device)
-    tokens, pooled = [], []
+    tokens, pooled, skipped = [], [], []
     for i in tqdm(range(0, len(paths), batch_size), desc=f"features {encoder.name}", unit="batch"):
-        pixels = move_pixels(
-            collate_pixels([encoder.transform(decode_image(p)) for p in paths[i : i + batch_size]]), dev
-        )
+        images = []
+        for p in paths[i : i + batch_size]:
+            try:
+                images.append(encoder.transform(decode_image(p)))
+            except ImageDecodeError:
+                if on_bad_image == "error":
+                    raise
+                skipped.append(str(p))
+        if not images:
+            continue
+        pixels = move_pixels(collate_pixels(images), dev)
         with autocast_context(dev, dtype):
             out = encoder(pixels).check_finite(encoder.name)
         tokens.append(out.tokens.float().cpu())
         pooled.append(None if out.pooled is None else out.pooled.float().cpu())
-    return torch.cat(tokens), (torch.cat(pooled) if all(p is not None for p in pooled) else None)
+    if not tokens:
+        raise VrlabError(f"none of the {len(paths)} images could be read (all skipped)")
+    return torch.cat(tokens), (torch.cat(pooled) if all(p is not None for p in pooled) else None), skipped

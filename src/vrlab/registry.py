@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from vrlab.errors import CardError, UnknownNameError
 from vrlab.resources import builtin_dir
 from vrlab.runtime import to_plain
 
+log = logging.getLogger(__name__)
 BUILTIN_ENCODER_DIR = builtin_dir("encoders")
 ENV_ENCODER_DIRS = "VRLAB_ENCODER_DIRS"
 ENTRY_POINT_GROUP = "vrlab.encoders"
@@ -199,8 +201,11 @@ def card_dirs(extra: Iterable[str | Path] = (), builtin: bool = True, kind: str 
 class Registry:
     """Cards by name and alias (case-insensitive), with dot-joined composition."""
 
-    def __init__(self, cards: Iterable[Card], kind: str = "encoder") -> None:
+    def __init__(self, cards: Iterable[Card], kind: str = "encoder", trusted: Iterable[str] = ()) -> None:
         self.kind = KINDS[kind]
+        # class paths the user trusts beyond the built-in and registered ones (see vrlab.instantiate)
+        self.trusted: tuple[str, ...] = tuple(trusted)
+        self.missing_builtin: Path | None = None  # set when the built-in card folder is not there
         self.cards: dict[str, Card] = {}
         self._index: dict[str, str] = {}
         for card in cards:
@@ -208,28 +213,39 @@ class Registry:
 
     @classmethod
     def from_dirs(
-        cls, extra_dirs: Iterable[str | Path] = (), builtin: bool = True, kind: str = "encoder"
+        cls,
+        extra_dirs: Iterable[str | Path] = (),
+        builtin: bool = True,
+        kind: str = "encoder",
+        trusted: Iterable[str] = (),
     ) -> Registry:
         """Load every `*.yaml` card below the configured folders."""
-        cards = []
+        cards, missing_builtin = [], None
         for folder in card_dirs(extra_dirs, builtin=builtin, kind=kind):
             if not folder.is_dir():
                 if folder != KINDS[kind].builtin_dir:
                     raise CardError(
                         f"{kind} card folder {folder} does not exist (from config or {KINDS[kind].env})"
                     )
+                missing_builtin = folder
+                log.warning("the built-in %s card folder %s is missing; reinstall vrlab", kind, folder)
                 continue
             cards += [
                 load_card(p, kind) for p in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml"))
             ]
-        return cls(cards, kind=kind)
+        registry = cls(cards, kind=kind, trusted=trusted)
+        registry.missing_builtin = missing_builtin
+        return registry
 
     @classmethod
     def from_config(cls, registry_cfg: Mapping[str, Any] | None, kind: str = "encoder") -> Registry:
         """From the `registry` section of the Hydra config."""
         cfg = registry_cfg or {}
         return cls.from_dirs(
-            cfg.get(KINDS[kind].config_key) or (), builtin=cfg.get("builtin", True), kind=kind
+            cfg.get(KINDS[kind].config_key) or (),
+            builtin=cfg.get("builtin", True),
+            kind=kind,
+            trusted=cfg.get("trusted_targets") or (),
         )
 
     def add(self, card: Card) -> None:
@@ -285,10 +301,40 @@ class Registry:
         if split is None:
             bad = self._first_unresolvable(parts)
             raise UnknownNameError(self._unknown_message(bad, spec))
-        out, i = [], 0
-        for j in split:
-            out.append(self.cards[self._index[".".join(parts[i:j]).lower()]])
-            i = j
+        readings = self._all_splits(tuple(p.lower() for p in parts))
+        if len(readings) > 1:
+            described = " or ".join(
+                " + ".join(f"'{self._card_at(parts, r, k).name}'" for k in range(len(r))) for r in readings
+            )
+            log.warning(
+                "%s name '%s' has %d readings: %s; taking the first (longest registered names first). "
+                "Use a card's alias or its file path to pick another",
+                self.kind.label,
+                spec,
+                len(readings),
+                described,
+            )
+        return [self._card_at(parts, split, k) for k in range(len(split))]
+
+    def _card_at(self, parts: Sequence[str], split: Sequence[int], k: int) -> Card:
+        start = split[k - 1] if k else 0
+        return self.cards[self._index[".".join(parts[start : split[k]]).lower()]]
+
+    def _all_splits(self, parts: tuple[str, ...], limit: int = 8) -> list[list[int]]:
+        """Every way (up to `limit`) to read the dotted parts as registered names, longest names first."""
+        out: list[list[int]] = []
+
+        def walk(i: int, acc: list[int]) -> None:
+            if len(out) >= limit:
+                return
+            if i == len(parts):
+                out.append(list(acc))
+                return
+            for j in range(len(parts), i, -1):
+                if ".".join(parts[i:j]) in self._index:
+                    walk(j, [*acc, j])
+
+        walk(0, [])
         return out
 
     def _split(self, parts: tuple[str, ...]) -> list[int] | None:
@@ -324,6 +370,11 @@ class Registry:
         close += [k for k in keys if bad.lower() in k.lower() and k not in close][: 5 - len(close)]
         where = f" in '{spec}'" if bad != spec else ""
         hint = f"; did you mean: {', '.join(close)}?" if close else ""
+        if self.missing_builtin is not None:
+            return (
+                f"unknown {self.kind.label} '{bad}'{where}: the built-in {self.kind.label} card folder "
+                f"{self.missing_builtin} is missing (a broken install? reinstall vrlab){hint}"
+            )
         return (
             f"unknown {self.kind.label} '{bad}'{where}{hint} (see `vrlab task={self.kind.task}`; "
             f"add a card to {self.kind.builtin_dir.name}/, registry.{self.kind.config_key} or {self.kind.env})"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -82,25 +83,53 @@ def run_dir(root: str | Path, task: str, name: str, settings: Any) -> Path:
     return path
 
 
+# mkstemp creates files 0600; results on a shared cluster should be as readable as any file the user writes.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see a partial file."""
+    """Write to a temporary name in the same folder, then rename: readers never see a partial file.
+
+    The file gets the permissions of an ordinary new file (0666 less the umask). A failure (disk full, no
+    permission, a folder in the way) raises `VrlabError` naming the path and leaves no partial file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise VrlabError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise VrlabError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def finite_or_none(value: Any) -> Any:
+    """Plain data with every NaN or infinite float replaced by None, so the JSON written is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """JSON with sorted keys, written atomically."""
-    atomic_write_bytes(path, (json.dumps(to_plain(obj), indent=2, sort_keys=True) + "\n").encode())
+    """JSON with sorted keys, written atomically; NaN and infinities become null (JSON has neither)."""
+    text = json.dumps(finite_or_none(to_plain(obj)), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def library_versions() -> dict[str, str]:

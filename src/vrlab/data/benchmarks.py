@@ -31,7 +31,7 @@ def load_benchmark(
     root = Path(spec["root"]).expanduser()
     root = root if root.is_absolute() else Path(data_root) / root
     card = card.with_overrides({**dict(overrides or {}), "root": str(root)})
-    loader = instantiate_card(card)
+    loader = instantiate_card(card, "benchmark", registry.trusted)
     loader.card = card
     if len(loader) == 0:
         raise VrlabError(f"benchmark '{card.name}' at {root} has no images")

@@ -47,26 +47,24 @@ class Features:
 
     def check_finite(self, encoder: str) -> Features:
         """Raise a clear error naming `encoder` if any value is NaN or infinite."""
+        hint = "check the weights and, on GPU, try dtype=float32"
         for key, value in (("tokens", self.tokens), ("pooled", self.pooled)):
-            if value is not None and not torch.isfinite(value).all():
-                bad = (
-                    (~torch.isfinite(value))
-                    .reshape(value.shape[0], -1)
-                    .any(dim=1)
-                    .nonzero()
-                    .flatten()
-                    .tolist()
-                )
-                raise VrlabError(
-                    f"encoder '{encoder}' produced non-finite {key} for batch rows {bad}; "
-                    "check the weights and, on GPU, try dtype=float32"
-                )
+            if value is not None:
+                check_finite(value, f"encoder '{encoder}' produced non-finite {key}", hint)
         return self
 
     def to_grid(self) -> torch.Tensor:
         """Tokens as a `[B, D, h, w]` feature map."""
         b, _, d = self.tokens.shape
         return self.tokens.transpose(1, 2).reshape(b, d, *self.grid)
+
+
+def check_finite(value: torch.Tensor, what: str, hint: str) -> None:
+    """Raise `VrlabError` "<what> for batch rows [...]; <hint>" if any value of `value` is NaN or infinite."""
+    bad_mask = ~torch.isfinite(value)
+    if bad_mask.any():
+        rows = bad_mask.reshape(value.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        raise VrlabError(f"{what} for batch rows {rows}; {hint}")
 
 
 def resolve_normalization(

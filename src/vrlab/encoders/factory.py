@@ -6,7 +6,7 @@ and checks each built encoder against the shape its card declares.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vrlab.encoders.base import VisionEncoder
@@ -16,16 +16,25 @@ from vrlab.instantiate import instantiate_card
 from vrlab.registry import EncoderCard, Registry
 
 
-def build_card(card: EncoderCard, **extra: Any) -> VisionEncoder:
-    """Instantiate one encoder card (plus `extra` arguments) and attach the card."""
-    encoder = instantiate_card(card, **extra)
+def build_card(card: EncoderCard, trusted: Iterable[str] = (), **extra: Any) -> VisionEncoder:
+    """Instantiate one encoder card (plus `extra` arguments) and attach the card; `trusted` names classes
+    beyond the built-in and registered backends that the user's config allows (see `vrlab.instantiate`)."""
+    encoder = instantiate_card(card, "encoder", trusted, **extra)
     encoder.card = card
     # Diffusion encoders learn their shape from a dry forward pass; checking it at build would cost one.
-    declared = card.dim is not None and card.grid is not None and not getattr(encoder, "lazy_shape", False)
-    if declared and (encoder.dim, tuple(encoder.grid)) != (card.dim, card.grid):
+    if getattr(encoder, "lazy_shape", False):
+        return encoder
+    declared = {k: v for k, v in (("dim", card.dim), ("grid", card.grid)) if v is not None}
+    measured = {"dim": encoder.dim if "dim" in declared else None}
+    if "grid" in declared:
+        measured["grid"] = tuple(encoder.grid)
+    wrong = {k: v for k, v in declared.items() if measured.get(k) != v}
+    if wrong:
+        said = ", ".join(f"{k}={list(v) if k == 'grid' else v}" for k, v in declared.items())
+        got = ", ".join(f"{k}={list(encoder.grid) if k == 'grid' else encoder.dim}" for k in declared)
         raise CardError(
-            f"encoder card {card.path} declares dim={card.dim}, grid={list(card.grid)} but '{card.name}' "
-            f"gives dim={encoder.dim}, grid={list(encoder.grid)}; fix the card's 'dim'/'grid' keys"
+            f"encoder card {card.path} declares {said} but '{card.name}' gives {got}; "
+            "fix the card's 'dim'/'grid' keys"
         )
     return encoder
 
@@ -53,7 +62,7 @@ def build_encoder(
             for ok, ov in overrides.items():
                 if ok.lower() == key.lower():
                     own.update(ov)
-        encoders.append(build_card(card.with_overrides({**shared, **own})))
+        encoders.append(build_card(card.with_overrides({**shared, **own}), registry.trusted))
     if len(encoders) == 1:
         return encoders[0]
     return CompositeEncoder(encoders, **dict(compose or {}))

@@ -155,6 +155,7 @@ class LinearProbe:
         import time
 
         start = time.perf_counter()
+        finite_features(features, "training features")
         x = features.float().to(self.device)
         y = labels.to(self.device)
         y = y.float() if self.multilabel else y.long()
@@ -186,10 +187,20 @@ class LinearProbe:
     @torch.no_grad()
     def decision(self, features: torch.Tensor) -> torch.Tensor:
         """Logits `[N, C]`."""
+        finite_features(features, "features")
         return self._logits(features.float().to(self.device), self.weight, self.bias)
 
     def evaluate(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return metrics(self.decision(features).cpu(), labels.cpu(), self.multilabel)
+
+
+def finite_features(features: torch.Tensor, what: str, ids: Sequence[Any] | None = None) -> None:
+    """Refuse NaN or infinite features, naming the rows (or their ids): they would overflow the fit or score
+    silently low."""
+    bad = (~torch.isfinite(features.reshape(len(features), -1))).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        names = [ids[i] for i in bad] if ids is not None else bad
+        raise VrlabError(f"{what} hold NaN or inf values in {len(bad)} rows: {names[:10]}")
 
 
 def multi_hot(labels: Sequence[Sequence[int]], n_classes: int) -> torch.Tensor:

@@ -89,9 +89,9 @@ def to_frame(points: Sequence[Sequence[float]], size: tuple[int, int], frame: in
     """Keypoints (x, y) of an image of `size` (w, h) in a `frame` x `frame` letterbox (centred padding)."""
     w, h = size
     pts = torch.tensor(points, dtype=torch.float64).reshape(-1, 2)
-    if law:  # GeoAware-SC's preprocess_kps_pad: unrounded scaled size, floored offset
+    if law:  # the Law code's preprocess_kps_pad: offset int((frame - round(frame * short / long)) / 2)
         scale = frame / max(w, h)
-        offset = (frame - (h if h < w else w) * scale) // 2
+        offset = int((frame - round(frame * min(w, h) / max(w, h))) / 2)
         pts = pts * scale
         pts[:, 1 if h < w else 0] += offset
         return pts

@@ -49,7 +49,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise VrlabError(f"law table {path} does not exist; build one with vrlab task=law_table")
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise VrlabError(f"law table {path} is not a readable CSV: {str(exc).splitlines()[0]}") from exc
+    if table.empty:
+        raise VrlabError(f"law table {path} has no rows")
     for col in ("representation", "C"):
         if col not in table.columns:
             raise VrlabError(f"law table {path} lacks column '{col}' (columns: {list(table.columns)})")
@@ -59,6 +64,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
         )
     if not benchmarks_of(table):
         raise VrlabError(f"law table {path} has no benchmark score columns")
+    for col in [c for c in table.columns if c != "representation"]:
+        values = pd.to_numeric(table[col], errors="coerce")
+        bad = table[col].notna() & (values.isna() | ~np.isfinite(values.fillna(0)))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise VrlabError(
+                f"law table {path}, column '{col}', row {row + 2} ({table['representation'].iloc[row]}): "
+                f"{table[col].iloc[row]!r} is not a finite number"
+            )
+        table[col] = values
     for b in benchmarks_of(table):
         a_column(table, b)
     return table

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save
 
 from vrlab.data.images import list_images
 from vrlab.encoders.factory import load_encoder
+from vrlab.errors import VrlabError
 from vrlab.features import digest, member_slices, run_features, token_stats
 from vrlab.runtime import (
     atomic_write_bytes,
@@ -29,13 +31,23 @@ log = logging.getLogger(__name__)
 
 def features_task(cfg: Any) -> dict[str, Any]:
     """Run `cfg.encoder` on `cfg.features.images`; print a table and write summary.json."""
+    # everything a user can get wrong is checked before a model loads
+    if OmegaConf.is_missing(cfg.features, "images") or not cfg.features.images:
+        raise VrlabError("task=features needs features.images=<a folder of images>")
+    if not cfg.encoder:
+        raise VrlabError("task=features needs encoder=<name> (see vrlab task=encoders)")
+    paths = list_images(cfg.features.images)[: cfg.features.limit or None]
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     encoder = load_encoder(
         cfg.encoder, to_plain(cfg.encoder_args), to_plain(cfg.compose), registry=registry_cfg(cfg)
     ).to(device)
-    paths = list_images(cfg.features.images)[: cfg.features.limit or None]
-    tokens, pooled = run_features(encoder, paths, cfg.features.batch_size, str(device), cfg.dtype)
+    tokens, pooled, skipped = run_features(
+        encoder, paths, cfg.features.batch_size, str(device), cfg.dtype, cfg.data.on_bad_image
+    )
+    if skipped:
+        log.warning("skipped %d unreadable images: %s", len(skipped), ", ".join(skipped[:5]))
+        paths = [p for p in paths if str(p) not in set(skipped)]
     members = [
         {"name": name, "channels": [s.start, s.stop], **token_stats(tokens[..., s])}
         for name, s in member_slices(encoder)
@@ -43,6 +55,7 @@ def features_task(cfg: Any) -> dict[str, Any]:
     summary = {
         "encoder": encoder.name,
         "images": len(paths),
+        "skipped": skipped,
         "image_folder": str(cfg.features.images),
         "tokens_shape": list(tokens.shape),
         "grid": list(encoder.grid),

@@ -16,9 +16,10 @@ import torch
 
 from vrlab.data.images import decode_image
 from vrlab.errors import VrlabError
+from vrlab.fingerprint import items_fingerprint, path_fingerprint
 from vrlab.mllm.model import VisionLanguageModel
 from vrlab.probes.attention import overlay, word_attention
-from vrlab.probes.linear import corruption_groups, fit_and_evaluate, robustness_summary
+from vrlab.probes.linear import corruption_groups, finite_features, fit_and_evaluate, robustness_summary
 from vrlab.probes.lmvr import write_lmvr_stores
 from vrlab.report import markdown_table
 from vrlab.runtime import (
@@ -53,6 +54,11 @@ def lmvr_stores(cfg: Any, benchmark: Any, model: Any = None) -> tuple[Path, dict
         "checkpoint": str(Path(cfg.checkpoint).resolve()),
         "benchmark": benchmark.card.name,
         **options,
+        # retrained weights at the same path, or changed images, must not reuse the features
+        "fingerprint": {
+            "checkpoint": path_fingerprint(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None,
+            "images": items_fingerprint([it.path for it in benchmark.items]),
+        },
     }
     out = run_dir(cfg.paths.outputs, f"lmvr/{slug(benchmark.card.name)}", Path(cfg.checkpoint).name, settings)
     kinds = ("llm", "encoder", "adapter")
@@ -85,6 +91,7 @@ def _features(cfg: Any, benchmark: str, kind: str, row: str) -> tuple[torch.Tens
     if row not in rows:
         raise VrlabError(f"feature row '{row}' is not in {out / kind} (rows: {', '.join(rows)})")
     feats = store.load()[:, rows.index(row)]
+    finite_features(feats, f"features '{row}' of {out / kind}", store.ids)
     labels = {it.id: it.label for it in bench.items}
     return feats, [labels[i] for i in store.ids], bench
 

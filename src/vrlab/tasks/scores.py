@@ -3,6 +3,7 @@ first (reused when the same settings ran before), written as JSON under `<output
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from vrlab.encoders.factory import load_encoder
 from vrlab.errors import VrlabError
 from vrlab.extract import run_extraction
 from vrlab.registry import Registry
-from vrlab.runtime import atomic_write_json, resolve_device, run_dir, seed_everything, to_plain
+from vrlab.runtime import atomic_write_json, config_hash, resolve_device, run_dir, seed_everything, to_plain
 from vrlab.scores.alignment import alignment
 from vrlab.scores.correspondence import correspondence, extraction_options, settings_for
 from vrlab.tasks.config import benchmark_from_cfg, extraction_request, registry_cfg
@@ -37,7 +38,7 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
             "no alignment.adapter: A is computed on raw encoder tokens, not on projected tokens as in the "
             "paper; widths must then match the references' raw widths"
         )
-    results = {}
+    results, store_keys = {}, {}
     for bench in benchmarks:
         cand = run_extraction(
             extraction_request(cfg, cfg.encoder, bench, adapter=acfg.adapter, limit=acfg.n_images)
@@ -56,6 +57,7 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
             for r in references
         }
         res = alignment(cand, refs, acfg.n_images, acfg.dtype)
+        store_keys[bench] = [cand.manifest["key"], *(r.manifest["key"] for r in refs.values())]
         res["settings"]["adapter"] = acfg.adapter
         results[bench] = res
         log.info(
@@ -75,6 +77,7 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
             "adapter": acfg.adapter,
             "n": acfg.n_images,
             "dtype": acfg.dtype,
+            "stores": store_keys,  # new weights or images give new stores, hence a new result folder
         },
     )
     summary = {
@@ -124,7 +127,14 @@ def correspondence_task(cfg: Any) -> dict[str, Any]:
         cfg.paths.outputs,
         "correspondence",
         cfg.encoder,
-        {"settings": settings.to_dict(), "store": store.manifest["key"], "pairs": [p.id for p in pairs]},
+        {
+            "settings": settings.to_dict(),
+            "store": store.manifest["key"],
+            "pairs": [p.id for p in pairs],
+            "annotations": config_hash(
+                [dataclasses.asdict(p) for p in pairs]
+            ),  # edited keypoints: new folder
+        },
     )
     record = {
         "representation": ccfg.get("label") or cfg.encoder,
