@@ -515,3 +515,13 @@ def test_a_failed_write_names_the_path_and_leaves_no_partial_file(tmp_path, monk
     with pytest.raises(VrlabError, match=f"cannot write {tmp_path / 'out.bin'}: No space left on device"):
         atomic_write_bytes(tmp_path / "out.bin", b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_fingerprints_ignore_strings_that_are_not_paths(tmp_path, monkeypatch):
+    from vrlab.fingerprint import spec_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "squash").mkdir()  # a folder named like an option value
+    (tmp_path / "w.bin").write_bytes(b"12345")
+    prints = spec_fingerprint({"prompt": "", "resize": "squash", "source": str(tmp_path), "ckpt": "w.bin"})
+    assert sorted(prints) == sorted([str(tmp_path), "w.bin"])

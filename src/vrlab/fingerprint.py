@@ -71,11 +71,12 @@ def spec_fingerprint(spec: Mapping[str, Any]) -> dict[str, str]:
         raw = text
         for prefix in _PREFIXES:
             text = text.removeprefix(prefix)
-        if len(text) > 4096 or "\n" in text:
-            continue
+        if not text.strip() or len(text) > 4096 or "\n" in text:
+            continue  # '' would name the working directory (an empty prompt is not a path)
         path = Path(text).expanduser()
         try:
-            exists = path.exists()
+            # a folder must look like one ('a/b', '~/x'); a bare word counts only as an existing file
+            exists = path.is_file() or (("/" in text or text.startswith("~")) and path.exists())
         except OSError:
             continue
         if exists:
