@@ -1,40 +1,4 @@
-"""EmbeddingStore: a folder of safetensors shards plus `manifest.json`, one per (benchmark, encoder config).
-
-Layout:
-  manifest.json          header (key, settings, item ids in benchmark order, shard size, dtype, versions);
-                         `complete: true` and the list of stored ids, shards (`file`, `rows`, `bytes`,
-                         `sha256`) and skipped images once finished
-  shard-00000.safetensors  `tokens` [n, N, D], `pooled` [n, D'] (optional), `index` [n] (positions in the
-                         benchmark's item list); metadata `key` (the store key) and `skipped` (JSON list of
-                         unreadable item ids)
-  shard-00000.safetensors.sha256  the shard's record, JSON `{file, rows, bytes, sha256, key}`, written right
-                         after the shard from the very bytes written
-  .lock, .writer-<key>-<token>.lock  the writers' locks (below)
-
-Damage. Shards and records are written to a temporary name and renamed, so neither is ever partial when
-written; damage comes later (a full disk, a copy cut short, a bad sector). A shard counts as done only when
-its record exists, names this store's key and gives the shard's size; the first time a writer asks about a
-shard it also checks the SHA-256, and a shard that fails is deleted, logged as a warning, and the manifest
-marked incomplete, so the same extraction, rerun, extracts it again (that is how a damaged store is repaired).
-`finalize` writes every shard's size and digest into the manifest; `EmbeddingStore` checks a shard's size,
-digest and key the first time it opens it. A shard without a record (written before records existed, or
-killed between the two renames) is adopted when its header describes exactly the file's bytes and carries
-the store's key. Stores whose manifest lists no digests (written before them) are still read; their shards
-get the structural check only.
-
-Writers. Two extractions with different settings must never share a folder, but the ranks of one torchrun
-extraction (same settings, hence same key) write their slices of shards into one folder at once. So:
-- `.lock` (a `filelock` lock) guards only short critical sections: reading or creating the manifest and
-  checking its key, looking at the other writers' locks, and the manifest updates of `done` and `finalize`.
-  A writer that cannot take it within `lock_timeout` seconds raises, naming the folder.
-- every writer also holds its own lock `.writer-<key>-<token>.lock` from `__init__` until `finalize`, an
-  exception in its methods, `close()`, the end of a `with` block, or `__del__` as a fallback (the OS drops
-  it when the process dies). Inside the critical section a new writer refuses to start when a lock of
-  another key is still held, and deletes the ones nobody holds; locks of its own key are its fellow ranks.
-Since the manifest is created and checked under `.lock`, a second key also finds the first one's manifest and
-is refused; the writer locks say why (a live extraction, not an old folder). Readers take no lock: they read
-only complete manifests, and memory-map shards.
-"""
+"""StoreWriter: creates or resumes a store under its locks, writes shards atomically, completes the manifest."""
 
 from __future__ import annotations
 
@@ -53,88 +17,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from vrlab.errors import VrlabError
-from vrlab.runtime import atomic_write_bytes, atomic_write_json, config_hash, library_versions, to_plain
+from vrlab.runtime import atomic_write_bytes, atomic_write_json, library_versions, to_plain
+from vrlab.store.format import (
+    DTYPES,
+    LOCK_NAME,
+    LOCK_TIMEOUT,
+    RECORD_SUFFIX,
+    REPAIR,
+    STORE_VERSION,
+    WRITER_PREFIX,
+    _signature,
+    file_sha256,
+    read_manifest,
+    shard_name,
+    shard_problem,
+    store_key,
+)
+from vrlab.store.reader import EmbeddingStore
 
 log = logging.getLogger(__name__)
-
-STORE_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LOCK_TIMEOUT = 30.0  # seconds a writer waits for another one's critical section, which lasts milliseconds
-LOCK_NAME = ".lock"
-WRITER_PREFIX = ".writer-"
-RECORD_SUFFIX = ".sha256"
-REPAIR = "rerun the same extraction, which extracts damaged or missing shards again"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
-
-
-def store_key(settings: Mapping[str, Any], ids: Sequence[str], shard_size: int, dtype: str) -> str:
-    """The hash naming a store: everything that changes the numbers (encoder card, layer, resolution, transform,
-    normalisation, protocol, seed, benchmark split and items, adapter, dtype) plus the shard layout."""
-    return config_hash(
-        {"settings": settings, "ids": list(ids), "shard_size": shard_size, "dtype": dtype}, length=16
-    )
-
-
-def read_manifest(path: str | Path, advice: str) -> dict[str, Any]:
-    """The manifest of the store at `path`; one that is not a JSON object raises VrlabError with `advice`."""
-    file = Path(path) / "manifest.json"
-    try:
-        manifest = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VrlabError(f"store manifest {file} is damaged (not valid JSON: {exc}); {advice}") from None
-    if not isinstance(manifest, dict):
-        raise VrlabError(f"store manifest {file} is damaged (not a JSON object); {advice}")
-    return manifest
-
-
-def is_complete(path: str | Path) -> bool:
-    """Whether a finished store exists at `path`."""
-    if not (Path(path) / "manifest.json").exists():
-        return False
-    advice = f"delete the folder {path} and run the extraction again"
-    return bool(read_manifest(path, advice).get("complete"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def shard_problem(path: Path, key: str | None) -> str | None:
-    """Why the safetensors file at `path` is not a whole shard of the store `key` (None if it is): checks that
-    its header parses and describes exactly the file's bytes, and the metadata key. Reads only the header."""
-    size = path.stat().st_size
-    if size < 8:
-        return f"is truncated ({size} bytes)"
-    with open(path, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        if 8 + length > size:
-            return f"is truncated ({size} bytes, its header alone claims {8 + length})"
-        try:
-            header = json.loads(fh.read(length))
-            end = max(
-                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
-            )
-            meta = header.get("__metadata__") or {}
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return "has an unreadable safetensors header"
-    if 8 + length + end != size:
-        return f"has {size} bytes but its header describes {8 + length + end} (truncated or overwritten)"
-    if key is not None and meta.get("key") != key:
-        return f"belongs to another extraction (key {meta.get('key')}, this store's is {key})"
-    return None
-
-
-def _signature(path: Path) -> tuple[int, int, int]:
-    """What changes when a file is replaced or rewritten (a verified digest is reused while it holds)."""
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class StoreWriter:
@@ -425,122 +326,3 @@ class StoreWriter:
         finally:
             self.close()
         return EmbeddingStore(self.path)
-
-
-class EmbeddingStore:
-    """Read a complete store: `len`, `ids`, tokens and pooled by position or id, batch iteration.
-
-    Each shard is checked (size, SHA-256, key) the first time it is opened; a damaged one raises VrlabError.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not (self.path / "manifest.json").exists():
-            raise VrlabError(
-                f"no embedding store at {self.path} (manifest.json missing); run vrlab task=extract first"
-            )
-        self.manifest = read_manifest(
-            self.path, f"delete the folder {self.path} and run the extraction again"
-        )
-        if not self.manifest.get("complete"):
-            done = len(list(self.path.glob("shard-*.safetensors")))
-            raise VrlabError(
-                f"embedding store {self.path} is incomplete ({done}/{self.manifest.get('num_shards')} shards); "
-                "rerun the same extraction to resume it"
-            )
-        self.ids: list[str] = self.manifest["stored_ids"]
-        self._where: list[tuple[int, int]] = [
-            (s, r) for s, sh in enumerate(self.manifest["shards"]) for r in range(sh["rows"])
-        ]
-        self._position = {item_id: i for i, item_id in enumerate(self.ids)}
-        self._handles: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self._position
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self.manifest["settings"]
-
-    @property
-    def skipped(self) -> list[str]:
-        return self.manifest.get("skipped", [])
-
-    @property
-    def has_pooled(self) -> bool:
-        return self.manifest["shapes"].get("pooled") is not None
-
-    def _shard(self, s: int) -> Any:
-        if s not in self._handles:
-            self._handles[s] = self._open(s)
-        return self._handles[s]
-
-    def _open(self, s: int) -> Any:
-        """Check shard `s` against the manifest, then open it (safe_open memory-maps the file)."""
-        entry = self.manifest["shards"][s]
-        file = self.path / entry["file"]
-        key = self.manifest.get("key")
-        if not file.exists():
-            raise VrlabError(f"shard {file} of store {self.path} is missing; {REPAIR}")
-        if "sha256" in entry:
-            size = file.stat().st_size
-            if size != entry.get("bytes"):
-                problem = (
-                    f"has {size} bytes, the manifest says {entry.get('bytes')} (truncated or overwritten)"
-                )
-            elif file_sha256(file) != entry["sha256"]:
-                problem = "does not match the SHA-256 in the manifest (damaged on disk)"
-            else:
-                problem = None
-        else:  # a store written before shards had digests
-            problem = shard_problem(file, None)
-        if problem is not None:
-            raise VrlabError(f"shard {file} {problem}; {REPAIR}")
-        try:
-            handle = safe_open(str(file), framework="pt")
-        except SafetensorError as exc:
-            raise VrlabError(f"shard {file} cannot be read ({exc}); {REPAIR}") from None
-        found = (handle.metadata() or {}).get("key")
-        if found != key:
-            raise VrlabError(
-                f"shard {file} belongs to another extraction (key {found}, the manifest's is {key}); {REPAIR}"
-            )
-        return handle
-
-    def position(self, key: int | str) -> int:
-        if isinstance(key, str):
-            if key not in self._position:
-                raise VrlabError(f"item '{key}' is not in store {self.path}")
-            return self._position[key]
-        if not -len(self) <= key < len(self):
-            raise IndexError(f"index {key} out of range for a store of {len(self)} items")
-        return key % len(self)
-
-    def _get(self, name: str, key: int | str) -> torch.Tensor:
-        s, r = self._where[self.position(key)]
-        return self._shard(s).get_slice(name)[r : r + 1][0]
-
-    def tokens(self, key: int | str) -> torch.Tensor:
-        """Tokens `[N, D]` of one item, by position or id."""
-        return self._get("tokens", key)
-
-    def pooled(self, key: int | str) -> torch.Tensor | None:
-        return self._get("pooled", key) if self.has_pooled else None
-
-    def load(self, name: str = "tokens") -> torch.Tensor:
-        """All rows of `tokens` or `pooled`, in stored order."""
-        shards = [s for s, sh in enumerate(self.manifest["shards"]) if sh["rows"]]
-        return torch.cat([self._shard(s).get_tensor(name) for s in shards])
-
-    def batches(self, batch_size: int = 64, name: str = "tokens") -> Iterator[tuple[list[str], torch.Tensor]]:
-        """(ids, tensor) batches in stored order; each shard is read once."""
-        start = 0
-        for s, shard in enumerate(self.manifest["shards"]):
-            block = self._shard(s).get_tensor(name)
-            for i in range(0, shard["rows"], batch_size):
-                stop = min(i + batch_size, shard["rows"])
-                yield self.ids[start + i : start + stop], block[i:stop]
-            start += shard["rows"]
