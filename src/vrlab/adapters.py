@@ -190,7 +190,9 @@ def load_adapter(
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:  # missing or unexpected keys
-        raise ShapeError(f"adapter {folder}: the weights do not fit its config: {str(exc).splitlines()[0]}") from exc
+        raise ShapeError(
+            f"adapter {folder}: the weights do not fit its config: {str(exc).splitlines()[0]}"
+        ) from exc
     return module.eval(), config
 
 

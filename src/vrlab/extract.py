@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vrlab.data.images import decode_image
+from vrlab.data.images import DEFAULT_MAX_PIXELS, decode_image
 from vrlab.data.loaders import Item
 from vrlab.encoders.base import VisionEncoder, autocast_context, check_finite, collate_pixels, move_pixels
 from vrlab.errors import ImageDecodeError, VrlabError
@@ -43,18 +43,23 @@ class EncodedImages(Dataset):
     """
 
     def __init__(
-        self, items: Sequence[Item], transform: torch.nn.Module, on_bad_image: str = "error"
+        self,
+        items: Sequence[Item],
+        transform: torch.nn.Module,
+        on_bad_image: str = "error",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise VrlabError(f"data.on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
         self.items, self.transform, self.on_bad_image = items, transform, on_bad_image
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
         try:
-            return index, self.transform(decode_image(self.items[index].path)), None
+            return index, self.transform(decode_image(self.items[index].path, self.max_pixels)), None
         except ImageDecodeError as exc:
             return index, None, str(exc)
 
@@ -93,6 +98,7 @@ def extract(
     dtype: str = "auto",
     store_dtype: str = "float32",
     on_bad_image: str = "error",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     adapter: torch.nn.Module | None = None,
     progress: bool = True,
     rank: int = 0,
@@ -121,7 +127,7 @@ def extract(
             path,
         )
         loader = DataLoader(
-            EncodedImages(items, encoder.transform, on_bad_image),
+            EncodedImages(items, encoder.transform, on_bad_image, max_pixels),
             batch_sampler=batches,
             num_workers=num_workers,
             collate_fn=collate,
@@ -238,6 +244,7 @@ class ExtractionRequest:
     num_workers: int = 2
     store_dtype: str = "float32"
     on_bad_image: str = "error"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -248,8 +255,14 @@ class ExtractionRequest:
             ("shard_size", 1, False),
             ("num_workers", 0, False),
             ("limit", 1, True),
+            ("max_pixels", 1, True),
         ):
-            check_count(f"extract.{key}", getattr(self, key), minimum, nullable)
+            check_count(
+                f"extract.{key}" if key != "max_pixels" else "data.max_pixels",
+                getattr(self, key),
+                minimum,
+                nullable,
+            )
         if self.on_bad_image not in ("error", "skip"):
             raise VrlabError(f"data.on_bad_image='{self.on_bad_image}' must be 'error' or 'skip'")
 
@@ -299,6 +312,7 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
         dtype=r.dtype,
         store_dtype=r.store_dtype,
         on_bad_image=r.on_bad_image,
+        max_pixels=r.max_pixels,
         adapter=adapter,
         rank=rank,
         world=world,

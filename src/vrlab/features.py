@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vrlab.data.images import decode_image
+from vrlab.data.images import DEFAULT_MAX_PIXELS, decode_image
 from vrlab.encoders.base import VisionEncoder, autocast_context, collate_pixels, move_pixels
 from vrlab.errors import ImageDecodeError, VrlabError
 
@@ -58,6 +58,7 @@ def run_features(
     device: str = "cpu",
     dtype: str = "auto",
     on_bad_image: str = "error",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Tokens `[N_images, N_tokens, D]` (and pooled) of `encoder` on image files, in file order, and the files
     skipped as unreadable (`on_bad_image=skip`; with `error` the first one raises)."""
@@ -69,7 +70,7 @@ def run_features(
         images = []
         for p in paths[i : i + batch_size]:
             try:
-                images.append(encoder.transform(decode_image(p)))
+                images.append(encoder.transform(decode_image(p, max_pixels)))
             except ImageDecodeError:
                 if on_bad_image == "error":
                     raise

@@ -33,6 +33,7 @@ def load_benchmark(
     card = card.with_overrides({**dict(overrides or {}), "root": str(root)})
     loader = instantiate_card(card, "benchmark", registry.trusted)
     loader.card = card
+    loader.check_ids()
     if len(loader) == 0:
         raise VrlabError(f"benchmark '{card.name}' at {root} has no images")
     return loader

@@ -2,12 +2,15 @@
 
 Handles RGB, grayscale, RGBA/LA and palette images (alpha is dropped, as PIL's `convert('RGB')` and the
 published pipelines do), CMYK, 16-bit and 32-bit integer and float images (rescaled to 8 bits, not clipped),
-and EXIF orientation. A file that cannot be decoded raises `ImageDecodeError` naming it.
+and EXIF orientation. A file that cannot be decoded, or whose header promises more than `max_pixels` pixels,
+raises `ImageDecodeError` naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vrlab.errors import ImageDecodeError, VrlabError
 
+# 50 megapixels (data.max_pixels' default): far above any benchmark image; decoding one costs ~1 GB at most.
+DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -36,15 +41,37 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(path: str | Path) -> torch.Tensor:
-    """uint8 tensor `[3, H, W]` of the image at `path`, upright per its EXIF orientation."""
+def decode_image(
+    path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None
+) -> torch.Tensor:
+    """uint8 tensor `[3, H, W]` of the image at `path`, upright per its EXIF orientation.
+
+    An image of more than `max_pixels` pixels (None: no cap) is refused from its header, before any pixel is
+    decoded, so a small file that expands to gigabytes costs nothing; PIL's own bomb check also becomes an
+    `ImageDecodeError` naming the file. `reduce_to` (the longest side the caller needs) lets a JPEG decode at
+    a reduced scale that still has at least that many pixels on its longest side; by default every image
+    decodes at full resolution.
+    """
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            with contextlib.suppress(Exception):  # a corrupt EXIF block should not cost the pixels
-                im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageDecodeError(
+                        f"image {path} is {w}x{h} pixels, more than data.max_pixels={max_pixels}; raise "
+                        "data.max_pixels to decode it (or data.on_bad_image=skip to leave it out)"
+                    )
+                if reduce_to and im.format == "JPEG" and max(w, h) > reduce_to:
+                    scale = reduce_to / max(w, h)
+                    im.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+                im.load()
+                with contextlib.suppress(Exception):  # a corrupt EXIF block should not cost the pixels
+                    im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image {path} is too large to decode safely: {exc}") from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from exc
     arr = np.asarray(rgb, dtype=np.uint8)

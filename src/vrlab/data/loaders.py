@@ -21,6 +21,20 @@ VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+VISDA_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bus",
+    "car",
+    "horse",
+    "knife",
+    "motorcycle",
+    "person",
+    "plant",
+    "skateboard",
+    "train",
+    "truck",
+)
 IMAGENET_C_CATEGORIES = {
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
     "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
@@ -92,6 +106,17 @@ class Loader:
 
     def __getitem__(self, index: int) -> Item:
         return self.items[index]
+
+    def check_ids(self) -> None:
+        """Refuse two different files under one item id (`a.png` and `a.jpg` both become `a`): a store keyed
+        by id would hold one of them under the other's name."""
+        seen: dict[str, Path] = {}
+        for item in self.items:
+            first = seen.setdefault(item.id, item.path)
+            if Path(first) != Path(item.path):
+                raise VrlabError(
+                    f"two images share the item id '{item.id}': {first} and {item.path}; rename one of them"
+                )
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -260,8 +285,13 @@ class VisDALoader(ImageFolderLoader):
         for n, row in enumerate(rows, 1):
             if len(row) != 2 or not row[1].isdigit():
                 raise VrlabError(f"{listing}:{n}: expected 'relative/path label', got {' '.join(row)!r}")
-        by_label = {int(lbl): Path(rel).parts[0] for rel, lbl in rows}
-        self.classes = [by_label[i] for i in sorted(by_label)]
+        for n, (_, lbl) in enumerate(rows, 1):
+            if not 0 <= int(lbl) < len(VISDA_CLASSES):
+                raise VrlabError(
+                    f"{listing}:{n}: label {lbl} is not a VisDA-2017 class (0..{len(VISDA_CLASSES) - 1})"
+                )
+        # the official names, indexed by label: a list that lacks a class must not shift the others
+        self.classes = list(VISDA_CLASSES)
         self.items = [
             Item(str(Path(rel).with_suffix("")), _need(base / rel, "VisDA image"), int(lbl), {})
             for rel, lbl in rows

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vrlab.data.benchmarks import load_benchmark
+from vrlab.data.images import DEFAULT_MAX_PIXELS
 from vrlab.data.loaders import Loader
 from vrlab.extract import ExtractionRequest
 from vrlab.runtime import to_plain
@@ -42,6 +43,7 @@ def extraction_request(cfg: Any, encoder: str, benchmark: str, **changes: Any) -
         num_workers=cfg.extract.num_workers,
         store_dtype=cfg.extract.store_dtype,
         on_bad_image=cfg.data.on_bad_image,
+        max_pixels=cfg.data.get("max_pixels", DEFAULT_MAX_PIXELS),
         device=str(cfg.device),
         dtype=str(cfg.dtype),
         seed=cfg.seed,

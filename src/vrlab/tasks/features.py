@@ -43,7 +43,13 @@ def features_task(cfg: Any) -> dict[str, Any]:
         cfg.encoder, to_plain(cfg.encoder_args), to_plain(cfg.compose), registry=registry_cfg(cfg)
     ).to(device)
     tokens, pooled, skipped = run_features(
-        encoder, paths, cfg.features.batch_size, str(device), cfg.dtype, cfg.data.on_bad_image
+        encoder,
+        paths,
+        cfg.features.batch_size,
+        str(device),
+        cfg.dtype,
+        cfg.data.on_bad_image,
+        cfg.data.max_pixels,
     )
     if skipped:
         log.warning("skipped %d unreadable images: %s", len(skipped), ", ".join(skipped[:5]))
