@@ -525,3 +525,19 @@ def test_fingerprints_ignore_strings_that_are_not_paths(tmp_path, monkeypatch):
     (tmp_path / "w.bin").write_bytes(b"12345")
     prints = spec_fingerprint({"prompt": "", "resize": "squash", "source": str(tmp_path), "ckpt": "w.bin"})
     assert sorted(prints) == sorted([str(tmp_path), "w.bin"])
+
+
+def test_remote_code_is_opt_in_per_card_and_announced(tiny_root, tmp_path, caplog):
+    from vrlab.encoders.factory import load_encoder
+
+    _write_card(
+        tmp_path / "cards", _tiny_clip_card(tiny_root) | {"name": "remote", "trust_remote_code": True}
+    )
+    _write_card(tmp_path / "cards", _tiny_clip_card(tiny_root) | {"name": "plain"})
+    reg = {"encoder_dirs": [str(tmp_path / "cards")]}
+    with caplog.at_level("WARNING", logger="vrlab.instantiate"):
+        load_encoder("plain", registry=reg)
+    assert "trust_remote_code" not in caplog.text
+    with caplog.at_level("WARNING", logger="vrlab.instantiate"):
+        load_encoder("remote", registry=reg)
+    assert "'remote'" in caplog.text and "trust_remote_code is set in its card" in caplog.text

@@ -46,16 +46,27 @@ def decode_image(
 ) -> torch.Tensor:
     """uint8 tensor `[3, H, W]` of the image at `path`, upright per its EXIF orientation.
 
-    An image of more than `max_pixels` pixels (None: no cap) is refused from its header, before any pixel is
-    decoded, so a small file that expands to gigabytes costs nothing; PIL's own bomb check also becomes an
-    `ImageDecodeError` naming the file. `reduce_to` (the longest side the caller needs) lets a JPEG decode at
-    a reduced scale that still has at least that many pixels on its longest side; by default every image
-    decodes at full resolution.
+    An image of more than `max_pixels` pixels is refused from its header, before any pixel is decoded, so a
+    small file that expands to gigabytes costs nothing. With `max_pixels=None` vrlab sets no cap and PIL's
+    own threshold (`Image.MAX_IMAGE_PIXELS`) is the cap; PIL's hard limit (twice that) always holds. Both of
+    PIL's refusals become an `ImageDecodeError` naming the file. `reduce_to` (the longest side the caller
+    needs) lets a JPEG decode at a reduced scale that still has at least that many pixels on its longest
+    side; by default every image decodes at full resolution.
     """
     path = Path(path)
+    if reduce_to is not None and (
+        isinstance(reduce_to, bool) or not isinstance(reduce_to, int) or reduce_to < 1
+    ):
+        raise VrlabError(
+            f"decode_image({path}): reduce_to={reduce_to!r} must be a positive number of pixels or None"
+        )
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns from the header past its threshold, before vrlab can look at the size: an explicit
+            # cap is checked below and governs instead, so its refusal names data.max_pixels and raising
+            # the setting works; without one, PIL's warning is the refusal.
+            action = "ignore" if max_pixels is not None else "error"
+            warnings.simplefilter(action, Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if max_pixels is not None and w * h > max_pixels:
@@ -63,15 +74,24 @@ def decode_image(
                         f"image {path} is {w}x{h} pixels, more than data.max_pixels={max_pixels}; raise "
                         "data.max_pixels to decode it (or data.on_bad_image=skip to leave it out)"
                     )
-                if reduce_to and im.format == "JPEG" and max(w, h) > reduce_to:
+                if reduce_to and im.format in ("JPEG", "MPO") and max(w, h) > reduce_to:
                     scale = reduce_to / max(w, h)
                     im.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
                 im.load()
                 with contextlib.suppress(Exception):  # a corrupt EXIF block should not cost the pixels
                     im = ImageOps.exif_transpose(im)
                 rgb = _to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image {path} is too large to decode safely: {exc}") from exc
+    except Image.DecompressionBombWarning as exc:  # only raised without a cap of vrlab's own
+        raise ImageDecodeError(
+            f"image {path} is too large to decode safely: {exc} (PIL's Image.MAX_IMAGE_PIXELS); set "
+            "data.max_pixels above its size to decode it, or data.on_bad_image=skip to leave it out"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(
+            f"image {path} is too large to decode safely: {exc} (twice PIL's Image.MAX_IMAGE_PIXELS, a hard "
+            "limit that data.max_pixels does not lift); downscale the file, or set data.on_bad_image=skip "
+            "to leave it out"
+        ) from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from exc
     arr = np.asarray(rgb, dtype=np.uint8)

@@ -1,8 +1,8 @@
 """One loader per dataset layout, each reading the dataset's own files: SPair-71k, PASCAL VOC2007, COCO,
 ImageFolder, VisDA-2017, ImageNet-C, LLaVA-style JSON, and a plain list of image paths.
 
-Every loader exposes `items` (one `Item` per image, in a fixed order), `classes`, `task` and `split`;
-errors name the file and key at fault.
+Every loader exposes `items` (one `Item` per image, in a fixed order, no id shared by two files), `classes`,
+`task` and `split`; errors name the file and key at fault.
 """
 
 from __future__ import annotations
@@ -109,11 +109,14 @@ class Loader:
 
     def check_ids(self) -> None:
         """Refuse two different files under one item id (`a.png` and `a.jpg` both become `a`): a store keyed
-        by id would hold one of them under the other's name."""
+        by id would hold one of them under the other's name. Every loader calls it once `items` is built.
+
+        One file under one id twice (a listing that repeats a line) is the same image, so it is allowed.
+        """
         seen: dict[str, Path] = {}
         for item in self.items:
             first = seen.setdefault(item.id, item.path)
-            if Path(first) != Path(item.path):
+            if first is not item.path and Path(first) != Path(item.path):
                 raise VrlabError(
                     f"two images share the item id '{item.id}': {first} and {item.path}; rename one of them"
                 )
@@ -184,6 +187,7 @@ class SPairLoader(Loader):
                 break
         self.classes = sorted({p.category for p in self.pairs})
         self.items = list(seen.values())
+        self.check_ids()
 
 
 class VOCLoader(Loader):
@@ -220,6 +224,7 @@ class VOCLoader(Loader):
             self.items.append(
                 Item(image_id, image, sorted(positive), {"difficult": sorted(difficult - positive)})
             )
+        self.check_ids()
 
 
 class COCOLoader(Loader):
@@ -245,6 +250,7 @@ class COCOLoader(Loader):
         for img in sorted(_key(data, "images", path), key=lambda im: im["id"]):
             file = _need(self.root / split / img["file_name"], "COCO image")
             self.items.append(Item(str(img["id"]), file, sorted(labels.get(img["id"], ())), {}))
+        self.check_ids()
 
 
 class ImageFolderLoader(Loader):
@@ -268,6 +274,7 @@ class ImageFolderLoader(Loader):
                     )
         if not self.items:
             raise VrlabError(f"no images below {base}")
+        self.check_ids()
 
 
 class VisDALoader(ImageFolderLoader):
@@ -283,7 +290,7 @@ class VisDALoader(ImageFolderLoader):
         base = self.root / split
         rows = [line.split() for line in listing.read_text().splitlines() if line.strip()]
         for n, row in enumerate(rows, 1):
-            if len(row) != 2 or not row[1].isdigit():
+            if len(row) != 2 or not (row[1].isascii() and row[1].isdigit()):  # '²'.isdigit() is True
                 raise VrlabError(f"{listing}:{n}: expected 'relative/path label', got {' '.join(row)!r}")
         for n, (_, lbl) in enumerate(rows, 1):
             if not 0 <= int(lbl) < len(VISDA_CLASSES):
@@ -296,6 +303,7 @@ class VisDALoader(ImageFolderLoader):
             Item(str(Path(rel).with_suffix("")), _need(base / rel, "VisDA image"), int(lbl), {})
             for rel, lbl in rows
         ]
+        self.check_ids()
 
 
 class ImageNetCLoader(Loader):
@@ -335,6 +343,7 @@ class ImageNetCLoader(Loader):
                     Item(f"{corruption}/{sev_dir.name}/{it.id}", it.path, it.label, dict(meta))
                     for it in folder.items
                 ]
+        self.check_ids()
 
 
 class LlavaJsonLoader(Loader):
@@ -352,6 +361,7 @@ class LlavaJsonLoader(Loader):
         if not isinstance(data, list):
             raise VrlabError(f"{path} must hold a JSON list of samples")
         self.samples = data
+        images_of: dict[str, Path] = {}
         for n, sample in enumerate(data):
             convs = _key(sample, "conversations", path)
             if not isinstance(convs, list) or not all({"from", "value"} <= set(c) for c in convs):
@@ -362,7 +372,12 @@ class LlavaJsonLoader(Loader):
                 image = _need(
                     self.root / image_folder / sample["image"], f"image of sample {sample.get('id', n)}"
                 )
-                self.items.append(Item(str(sample.get("id", n)), image, None, {"sample": n}))
+                item_id = str(sample.get("id", n))
+                # instruction mixtures reuse ids across sources; such a sample keeps its index in its id
+                if images_of.setdefault(item_id, image) != image:
+                    item_id = f"{item_id}@{n}"
+                self.items.append(Item(item_id, image, None, {"sample": n}))
+        self.check_ids()
 
 
 class ImageListLoader(Loader):
@@ -376,3 +391,4 @@ class ImageListLoader(Loader):
                 path = Path(line.strip())
                 path = path if path.is_absolute() else self.root / path
                 self.items.append(Item(line.strip(), _need(path, f"image listed in {listing}")))
+        self.check_ids()
