@@ -6,7 +6,7 @@ timestep `t`, one denoiser pass with empty-prompt conditioning (the image's CLIP
 sd-image-variations, the class embedding zeroed for DiT, CLIP-L + CLIP-G with T5 dropped for SD3), and the
 output of block `block` (UNet up-block, or transformer block for DiT/SD3, which are 2x2 space-to-depth'd).
 The forward pass stops right after that block. Defaults follow the law paper's code (t=1, block 0, 768 px,
-prompt ''); see ../shared/reference/law.md §4.2.
+prompt '').
 
 Noise is drawn from a generator seeded with `seed` for one image and shared by every image of a batch, so
 an image's features do not depend on which batch, rank or resumed run it lands in.

@@ -1,4 +1,4 @@
-"""A score (cross-modal alignment), as in "Law of Vision Representation in MLLMs" (law.md §2).
+"""A score (cross-modal alignment), as in "Law of Vision Representation in MLLMs".
 
 For a candidate's projected tokens E_v(x) [N_v, H] and a reference's E_r(x) [N_r, H] (each from its own
 stage-1 projector):  s_r(v, x) = mean_i max_j cos(E_v(x)_i, E_r(x)_j); A_r is the mean of s_r over the first

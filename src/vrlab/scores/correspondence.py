@@ -1,6 +1,6 @@
 """C score (visual correspondence): PCK@α on SPair-71k-layout pairs from an encoder's dense features.
 
-Two named protocols, both presets of `CorrespondenceSettings` (law.md §3):
+Two named protocols, both presets of `CorrespondenceSettings` (the Law paper's C score):
 - `law`: the authors' code as written. Every model gets a squashed input scaled to [-1, 1]; keypoints live in
   an 840 x 840 letterbox frame; the native token grid; window soft-argmax (window 5, temperature 0.02, with
   cells outside the window zeroed, not removed, so they keep a little weight); prediction at

@@ -1,4 +1,4 @@
-"""The AC policy (law.md §5) and the recommender, on a law table.
+"""The AC policy (the Law paper, §5) and the recommender, on a law table.
 
 The policy simulation samples candidates region by region in the normalised (A, C) square at finer and finer
 grids, refits after each trained candidate, and stops when the true best is in the predicted top k; many
