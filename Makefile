@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml
 	@# imagecorruptions-imaug's metadata pulls the GUI opencv next to the headless one; its real needs
 	@# (numba, scikit-image, opencv-python-headless) are in pyproject.toml.
 	$(BIN)/python -m pip install --quiet --no-deps 'imagecorruptions-imaug>=1.1.5'
+	@# lmms-eval's latex2sympy2 (math tasks only) pins antlr4 4.7.2; Hydra and OmegaConf parse with 4.9.
+	$(BIN)/python -m pip install --quiet --no-deps 'antlr4-python3-runtime==4.9.3'
 	touch $(STAMP)
 
 test: install ## run the whole test suite offline (slow end-to-end tests included)

@@ -51,3 +51,15 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
 def file_digest(folder: str | Path) -> str:
     """SHA-256 of an adapter's weights, so a store keyed on an adapter changes when the weights do."""
     return hashlib.sha256((Path(folder) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
+def folder_digest(folder: str | Path) -> str:
+    """SHA-256 over every file below a model folder (relative path and contents): what an eval ran on."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

@@ -37,6 +37,8 @@ TASKS = {
     "demo_llm": "vrlab.tasks.demo:demo_llm_task",
     "train": "vrlab.tasks.train:train_task",
     "generate": "vrlab.tasks.train:generate_task",
+    "eval": "vrlab.tasks.eval:eval_task",
+    "export_hf": "vrlab.tasks.export:export_hf_task",
     "lmvr_features": "vrlab.tasks.probe:lmvr_features_task",
     "probe": "vrlab.tasks.probe:probe_task",
     "probe_table": "vrlab.tasks.probe:probe_table_task",

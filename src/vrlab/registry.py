@@ -64,6 +64,8 @@ KINDS = {
     ),
 }
 
+LMMS_TASKS = "lmms"  # the folder of lmms-eval tasks inside a benchmark card folder
+
 
 @dataclass(frozen=True)
 class Card:
@@ -230,9 +232,9 @@ class Registry:
                 missing_builtin = folder
                 log.warning("the built-in %s card folder %s is missing; reinstall vrlab", kind, folder)
                 continue
-            cards += [
-                load_card(p, kind) for p in sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml"))
-            ]
+            # `<benchmarks>/lmms/` holds lmms-eval task folders (their own YAML), not cards
+            files = sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.yml"))
+            cards += [load_card(p, kind) for p in files if p.relative_to(folder).parts[0] != LMMS_TASKS]
         registry = cls(cards, kind=kind, trusted=trusted)
         registry.missing_builtin = missing_builtin
         return registry

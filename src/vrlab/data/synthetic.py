@@ -1,6 +1,7 @@
 """The generated benchmark: rendered scenes written in the real datasets' layouts (SPair-71k pairs under an exact
 similarity warp, VOC multi-label scenes, ImageFolder classes, two VisDA domains, ImageNet-C copies, LLaVA
-captions and conversations), deterministic from a seed. Scenes themselves come from `vrlab.data.scenes`.
+captions and conversations, the local lmms-eval tasks), deterministic from a seed. Scenes themselves come
+from `vrlab.data.scenes`, their questions from `vrlab.data.questions`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vrlab.data.questions import ONE_WORD, pick_question, write_lmms_tasks
 from vrlab.data.scenes import COLOURS, SHAPES, Scene, SceneObject, render_scene, write_demo_images
 
 __all__ = ["COLOURS", "SHAPES", "make_benchmark", "write_demo_images"]
@@ -23,6 +25,7 @@ DEFAULT_SIZES = {
     "visda_per_class": 8,  # per class and domain (VisDA-2017 layout, train = flat, validation = photo)
     "imagenet_c_per_class": 1,  # clean test images per class, each corrupted 15 x 5 times (ImageNet-C layout)
     "llava": 48,  # LLaVA JSON samples (captions and conversations share the images)
+    "lmms": 48,  # questions of each local lmms-eval task (synth_vqa, synth_mc), on scenes of their own
 }
 
 
@@ -216,6 +219,7 @@ def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[in
         )
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         k = len(scene.objects)
+        one_word = pick_question(scene, size[1], rng)
         conversations.append(
             {
                 "id": sid,
@@ -230,6 +234,9 @@ def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[in
                     },
                     {"from": "human", "value": f"What colour is the {obj.shape}?"},
                     {"from": "gpt", "value": f"It is {obj.colour}."},
+                    # the one-word answers the local lmms-eval tasks ask for
+                    {"from": "human", "value": f"{one_word['question']} {ONE_WORD}"},
+                    {"from": "gpt", "value": one_word["answer"]},
                 ],
             }
         )
@@ -296,6 +303,7 @@ def make_benchmark(
             list_file=True,
         ),
         "llava": write_llava(tmp / "llava", np.random.default_rng([seed, 6]), sizes["llava"], image_size),
+        "lmms": write_lmms_tasks(tmp / "lmms", np.random.default_rng([seed, 7]), sizes["lmms"], image_size),
     }
     counts["imagenet_c"] = write_imagenet_c(
         tmp / "imagenet_c", tmp / "folder" / "test", sizes["imagenet_c_per_class"], seed

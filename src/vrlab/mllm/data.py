@@ -112,6 +112,26 @@ class Collator:
         return out
 
 
+def _item(model: Any, image: torch.Tensor | None, prompt: str, answer: str | None, aspect: str) -> dict[str, Any]:
+    """One sample: the human turn (with `<image>` in front when there is an image) and, to score, its answer."""
+    text = f"{IMAGE_TOKEN}\n{prompt}" if image is not None and IMAGE_TOKEN not in prompt else prompt
+    turns = [{"from": "human", "value": text}]
+    if answer is not None:
+        turns.append({"from": "gpt", "value": answer})
+    ids, labels = tokenize(turns, model.template, model.tokenizer, image is not None, generation=answer is None)
+    item = {"input_ids": ids, "labels": labels, "has_image": image is not None, "guide": prompt}
+    if image is not None:
+        item["pixels"] = model.image_input(image, aspect)
+    return item
+
+
+def _on_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    return {
+        k: (v.to(device) if torch.is_tensor(v) else tuple(t.to(device) for t in v)) for k, v in batch.items()
+    }
+
+
 def generation_batch(
     model: Any, images: Sequence[torch.Tensor | None], prompts: Sequence[str], aspect: str = "pad"
 ) -> dict[str, Any]:
@@ -120,24 +140,24 @@ def generation_batch(
     The prompt is the human turn of the model's template with `<image>` in front, as in training; labels are
     dropped since nothing is scored.
     """
-    items = []
-    for image, prompt in zip(images, prompts, strict=True):
-        text = f"{IMAGE_TOKEN}\n{prompt}" if image is not None and IMAGE_TOKEN not in prompt else prompt
-        ids, labels = tokenize(
-            [{"from": "human", "value": text}],
-            model.template,
-            model.tokenizer,
-            image is not None,
-            generation=True,
-        )
-        item = {"input_ids": ids, "labels": labels, "has_image": image is not None, "guide": prompt}
-        if image is not None:
-            item["pixels"] = model.image_input(image, aspect)
-        items.append(item)
+    items = [_item(model, image, prompt, None, aspect) for image, prompt in zip(images, prompts, strict=True)]
     batch = Collator(model, padding_side="left")(items)
     batch.pop("labels")
     batch.pop("decoder_labels", None)
-    device = next(model.parameters()).device
-    return {
-        k: (v.to(device) if torch.is_tensor(v) else tuple(t.to(device) for t in v)) for k, v in batch.items()
-    }
+    return _on_device(model, batch)
+
+
+def scoring_batch(
+    model: Any,
+    images: Sequence[torch.Tensor | None],
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    aspect: str = "pad",
+) -> dict[str, Any]:
+    """A right-padded batch of prompt + answer conversations whose labels mark the answer tokens only (the
+    answer and its end-of-turn token, exactly as training labels them), on the model's device."""
+    items = [
+        _item(model, image, prompt, answer, aspect)
+        for image, prompt, answer in zip(images, prompts, answers, strict=True)
+    ]
+    return _on_device(model, Collator(model, padding_side="right")(items))

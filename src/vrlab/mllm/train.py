@@ -20,7 +20,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vrlab.checkpoint import save_adapter
 from vrlab.errors import VrlabError
-from vrlab.mllm.data import Collator, ConversationDataset, generation_batch
+from vrlab.mllm.data import Collator, ConversationDataset
+from vrlab.mllm.inference import generate_answers
 from vrlab.mllm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,4 @@ def generate_batch(
     aspect: str = "pad",
 ) -> list[str]:
     """Answer one prompt per image (None for text-only), batched with left padding, greedy."""
-    batch = generation_batch(model, images, prompts, aspect)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return [t.strip() for t in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return generate_answers(model, images, prompts, {"max_new_tokens": max_new_tokens}, aspect=aspect)

@@ -1,0 +1,124 @@
+"""Questions about rendered scenes whose answers the scene determines: colour, shape, count and position.
+
+`scene_questions` feeds both the stage-2 training conversations (one-word answers) and the local lmms-eval
+tasks `write_lmms_tasks` writes (`synth_vqa`: open answers scored by exact match; `synth_mc`: the same
+questions as multiple choice scored by log-likelihood). The task images are scenes of their own, never
+seen in training. Each task is one parquet file with the images embedded, which lmms-eval reads through
+`datasets`; the task folders that point at them ship in `benchmarks/lmms/`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vrlab.data.scenes import COLOURS, SHAPES, Scene, render_scene
+
+NUMBERS = ("zero", "one", "two", "three", "four")
+ONE_WORD = "Answer with one word."
+LMMS_TASK_NAMES = ("synth_vqa", "synth_mc")
+
+
+def _centre_x(obj: Any) -> float:
+    return (obj.bbox[0] + obj.bbox[2]) / 2
+
+
+def scene_questions(scene: Scene, width: int) -> list[dict[str, Any]]:
+    """Every unambiguous question about `scene`: `{kind, question, answer, choices}`.
+
+    A shape is named only when it is the only one of its kind in the scene, a colour likewise; position asks
+    left or right only for an object clearly off the centre line.
+    """
+    objs = scene.objects
+    shapes = [o.shape for o in objs]
+    colours = [o.colour for o in objs]
+    n = len(objs)
+    out = [
+        {
+            "kind": "count",
+            "question": "How many shapes are there?",
+            "answer": NUMBERS[n],
+            "choices": list(NUMBERS[1:4]),
+        }
+    ]
+    for o in objs:
+        if shapes.count(o.shape) == 1:
+            out.append(
+                {
+                    "kind": "colour",
+                    "question": f"What colour is the {o.shape}?",
+                    "answer": o.colour,
+                    "choices": list(COLOURS),
+                }
+            )
+            offset = _centre_x(o) - width / 2
+            if abs(offset) > 0.15 * width:
+                out.append(
+                    {
+                        "kind": "position",
+                        "question": f"Is the {o.shape} on the left or on the right?",
+                        "answer": "left" if offset < 0 else "right",
+                        "choices": ["left", "right"],
+                    }
+                )
+        if colours.count(o.colour) == 1:
+            out.append(
+                {
+                    "kind": "shape",
+                    "question": f"What shape is the {o.colour} object?",
+                    "answer": o.shape,
+                    "choices": list(SHAPES),
+                }
+            )
+    return out
+
+
+def pick_question(scene: Scene, width: int, rng: np.random.Generator) -> dict[str, Any]:
+    """One question of a random kind (kinds drawn evenly, then a question of that kind)."""
+    questions = scene_questions(scene, width)
+    kinds = sorted({q["kind"] for q in questions})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    of_kind = [q for q in questions if q["kind"] == kind]
+    return of_kind[int(rng.integers(len(of_kind)))]
+
+
+def write_lmms_tasks(root: Path, rng: np.random.Generator, count: int, size: tuple[int, int]) -> int:
+    """`root/synth_vqa.parquet` and `root/synth_mc.parquet`: `count` questions each, one per new scene."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        scene = render_scene(rng, size, n_objects=(1, 3), style="flat" if i % 2 == 0 else "photo")
+        q = pick_question(scene, size[1], rng)
+        buf = io.BytesIO()
+        scene.image.save(buf, format="PNG")
+        rows.append(
+            {
+                "question_id": f"q{i:05d}",
+                "image": {"bytes": buf.getvalue(), "path": None},
+                "question": f"{q['question']} {ONE_WORD}",
+                "answer": q["answer"],
+                "kind": q["kind"],
+                "choices": q["choices"],
+                "label": q["choices"].index(q["answer"]),
+            }
+        )
+    features = Features(
+        {
+            "question_id": Value("string"),
+            "image": Image(),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "kind": Value("string"),
+            "choices": Sequence(Value("string")),
+            "label": Value("int64"),
+        }
+    )
+    data = Dataset.from_list(rows, features=features)
+    for name in LMMS_TASK_NAMES:  # one file per task, so each task's data can change on its own
+        data.to_parquet(str(root / f"{name}.parquet"))
+    return count
