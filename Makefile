@@ -57,19 +57,21 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 	$(OFFLINE) $(VRLAB) task=make_benchmark $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=extract encoder=$(DEMO_ENCODERS) benchmark=synth-voc-trainval $(DEMO_ARGS)
 	@# MLLM: a tiny LLM pretrained on the generated text; stage-1 adapters for every law candidate and both
-	@# references; stage 2 on the conversations; answers for a few images.
+	@# references; stage 2 on the conversations for every candidate; answers for a few images.
 	$(OFFLINE) $(VRLAB) task=demo_llm experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=train stage=1 train.data=synth-captions experiment=demo \
 		encoder=$(LAW_DEMO_ENCODERS),tiny/eva02-clip $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=train stage=2 train.data=synth-conversations experiment=demo encoder=tiny/clip \
-		train.init_from=$(DEMO_ROOT)/stage1/tiny/clip/adapter $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=generate experiment=demo checkpoint=$(DEMO_ROOT)/stage2/tiny/clip/model $(DEMO_ARGS)
-	@# The AC score and law: C, A on projected tokens, stand-in scores, the fit and the policy simulation.
+	$(OFFLINE) $(VRLAB) -m task=train stage=2 train.data=synth-conversations experiment=demo \
+		encoder=$(LAW_DEMO_ENCODERS) 'train.init_from=$${demo.root}/stage1/$${encoder}/adapter' $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=generate experiment=demo encoder=tiny/clip $(DEMO_ARGS)
+	@# Evaluation with lmms-eval on the local tasks (synth_vqa: exact match, synth_mc: log-likelihood).
+	$(OFFLINE) $(VRLAB) -m task=eval experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
+	@# The AC law from the demo's own runs: C, A on projected tokens of each benchmark's images, the eval
+	@# scores, the fit and the policy simulation.
 	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=correspondence experiment=demo encoder=tiny/clip,tiny/dinov2 \
 		correspondence=law $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=alignment experiment=demo encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=demo_scores experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_table experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_policy experiment=demo $(DEMO_ARGS)

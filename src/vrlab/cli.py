@@ -33,7 +33,6 @@ TASKS = {
     "law_policy": "vrlab.tasks.law:law_policy_task",
     "law_recommend": "vrlab.tasks.law:law_recommend_task",
     "demo": "vrlab.tasks.demo:demo_task",
-    "demo_scores": "vrlab.tasks.demo:demo_scores_task",
     "demo_llm": "vrlab.tasks.demo:demo_llm_task",
     "train": "vrlab.tasks.train:train_task",
     "generate": "vrlab.tasks.train:generate_task",

@@ -37,7 +37,8 @@ BUILTIN_TARGETS = {
             "LlavaJsonLoader",
             "ImageListLoader",
         )
-    },
+    }
+    | {"vrlab.eval.docs.LmmsTaskLoader"},
 }
 ENTRY_POINT_GROUPS = {"encoder": "vrlab.backends", "benchmark": "vrlab.loaders"}
 BASE_CLASSES = {"encoder": "vrlab.encoders.base.VisionEncoder", "benchmark": "vrlab.data.loaders.Loader"}

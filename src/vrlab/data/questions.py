@@ -85,11 +85,7 @@ def pick_question(scene: Scene, width: int, rng: np.random.Generator) -> dict[st
     return of_kind[int(rng.integers(len(of_kind)))]
 
 
-def write_lmms_tasks(root: Path, rng: np.random.Generator, count: int, size: tuple[int, int]) -> int:
-    """`root/synth_vqa.parquet` and `root/synth_mc.parquet`: `count` questions each, one per new scene."""
-    from datasets import Dataset, Features, Image, Sequence, Value
-
-    root.mkdir(parents=True, exist_ok=True)
+def _task_rows(rng: np.random.Generator, count: int, size: tuple[int, int]) -> list[dict[str, Any]]:
     rows = []
     for i in range(count):
         scene = render_scene(rng, size, n_objects=(1, 3), style="flat" if i % 2 == 0 else "photo")
@@ -107,6 +103,15 @@ def write_lmms_tasks(root: Path, rng: np.random.Generator, count: int, size: tup
                 "label": q["choices"].index(q["answer"]),
             }
         )
+    return rows
+
+
+def write_lmms_tasks(root: Path, rng: np.random.Generator, count: int, size: tuple[int, int]) -> int:
+    """`root/<task>.parquet` for each local task: `count` questions, one per scene, each task on scenes of
+    its own (so A on each benchmark's images is A on different images)."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    root.mkdir(parents=True, exist_ok=True)
     features = Features(
         {
             "question_id": Value("string"),
@@ -118,7 +123,7 @@ def write_lmms_tasks(root: Path, rng: np.random.Generator, count: int, size: tup
             "label": Value("int64"),
         }
     )
-    data = Dataset.from_list(rows, features=features)
-    for name in LMMS_TASK_NAMES:  # one file per task, so each task's data can change on its own
-        data.to_parquet(str(root / f"{name}.parquet"))
-    return count
+    for name in LMMS_TASK_NAMES:
+        rows = _task_rows(rng, count, size)
+        Dataset.from_list(rows, features=features).to_parquet(str(root / f"{name}.parquet"))
+    return count * len(LMMS_TASK_NAMES)

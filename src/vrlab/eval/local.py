@@ -26,11 +26,12 @@ def data_root() -> Path:
     return Path(os.environ.get("VRLAB_DATA") or "data")
 
 
-def _expand(value: Any, task: str) -> Any:
+def resolve_data_files(value: Any, task: str) -> Any:
+    """`data_files` with `${VRLAB_DATA}` expanded; a file that does not exist is an error naming the task."""
     if isinstance(value, dict):
-        return {k: _expand(v, task) for k, v in value.items()}
+        return {k: resolve_data_files(v, task) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, task) for v in value]
+        return [resolve_data_files(v, task) for v in value]
     path = Path(str(value).replace("${VRLAB_DATA}", str(data_root()))).expanduser().absolute()
     if not path.exists():
         raise VrlabError(
@@ -47,7 +48,7 @@ class DataTask(ConfigurableTask):
         config = {k: v for k, v in dict(config or {}).items() if k != "class"}
         dataset_kwargs = dict(config.get("dataset_kwargs") or {})
         if "data_files" in dataset_kwargs:
-            dataset_kwargs["data_files"] = _expand(dataset_kwargs["data_files"], config.get("task", "?"))
+            dataset_kwargs["data_files"] = resolve_data_files(dataset_kwargs["data_files"], config.get("task", "?"))
         config["dataset_kwargs"] = dataset_kwargs
         super().__init__(config=config, **kwargs)
 

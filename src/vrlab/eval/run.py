@@ -48,6 +48,12 @@ def route_lmms_logs() -> None:
     )
 
 
+def data_folder(data: str | Path | None) -> None:
+    """Point vrlab's local tasks at `data` (they read `VRLAB_DATA`, as the benchmark cards do)."""
+    if data is not None:
+        os.environ["VRLAB_DATA"] = str(data)
+
+
 def local_tasks_dir() -> Path:
     """The task folders shipped with vrlab (`benchmarks/lmms/`)."""
     return builtin_dir("benchmarks") / "lmms"
@@ -70,13 +76,18 @@ def task_manager(tasks: Sequence[str], include: Sequence[str | Path] = ()) -> An
         hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
         raise VrlabError(
             "unknown lmms-eval task(s): "
-            + "; ".join(f"'{t}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
+            + "; ".join(
+                f"'{t}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items()
+            )
         )
     return manager
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes")
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _is_cached(repo_id: str) -> bool:
@@ -113,13 +124,18 @@ def _leaf_configs(manager: Any, name: str, depth: int = 0) -> list[tuple[str, di
 
 
 def check_datasets(manager: Any, tasks: Sequence[str]) -> None:
-    """Offline, refuse at once a task whose hub dataset is not in the local cache."""
-    if not _offline():
-        return
+    """Refuse at once a task whose local data files are missing or, offline, whose hub dataset is not in the
+    local cache."""
+    from vrlab.eval.local import resolve_data_files
+
     for name in tasks:
         for leaf, config in _leaf_configs(manager, name):
             path = config.get("dataset_path")
             kwargs = config.get("dataset_kwargs") or {}
+            if path in LOCAL_BUILDERS and kwargs.get("data_files"):
+                resolve_data_files(kwargs["data_files"], leaf)
+            if not _offline():
+                continue
             if not isinstance(path, str) or path in LOCAL_BUILDERS or Path(path).expanduser().exists():
                 continue
             if kwargs.get("load_from_disk"):
@@ -141,7 +157,9 @@ def _plain(value: Any) -> Any:
 
 
 def _sample_record(sample: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
-    doc = {k: v for k, v in (sample.get("doc") or {}).items() if isinstance(v, str | int | float | bool | list)}
+    doc = {
+        k: v for k, v in (sample.get("doc") or {}).items() if isinstance(v, str | int | float | bool | list)
+    }
     args = sample.get("arguments") or [[None]]
     return {
         "doc_id": sample.get("doc_id"),
@@ -218,15 +236,17 @@ def evaluate(
     limit: int | None = None,
     gen_kwargs: str | None = None,
     header: dict[str, Any] | None = None,
+    data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Every task in `tasks` not finished in `out`; `model_factory()` builds the lmms-eval model, only when
-    some task still has to run. Returns the contents of eval.json."""
+    some task still has to run; `data` is the data folder vrlab's local tasks read. Returns eval.json."""
     if not tasks:
         raise VrlabError("eval.tasks is empty; name lmms-eval tasks, e.g. eval.tasks=[synth_vqa,synth_mc]")
     if len(set(tasks)) != len(tasks):
         raise VrlabError(f"eval.tasks names a task twice: {list(tasks)}")
     out = Path(out)
     route_lmms_logs()
+    data_folder(data)
     manager = task_manager(tasks, include)
     check_datasets(manager, tasks)
     summary: dict[str, Any] = {**(header or {}), "limit": limit, "gen_kwargs": gen_kwargs, "tasks": {}}

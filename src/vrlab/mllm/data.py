@@ -112,13 +112,17 @@ class Collator:
         return out
 
 
-def _item(model: Any, image: torch.Tensor | None, prompt: str, answer: str | None, aspect: str) -> dict[str, Any]:
+def _item(
+    model: Any, image: torch.Tensor | None, prompt: str, answer: str | None, aspect: str
+) -> dict[str, Any]:
     """One sample: the human turn (with `<image>` in front when there is an image) and, to score, its answer."""
     text = f"{IMAGE_TOKEN}\n{prompt}" if image is not None and IMAGE_TOKEN not in prompt else prompt
     turns = [{"from": "human", "value": text}]
     if answer is not None:
         turns.append({"from": "gpt", "value": answer})
-    ids, labels = tokenize(turns, model.template, model.tokenizer, image is not None, generation=answer is None)
+    ids, labels = tokenize(
+        turns, model.template, model.tokenizer, image is not None, generation=answer is None
+    )
     item = {"input_ids": ids, "labels": labels, "has_image": image is not None, "guide": prompt}
     if image is not None:
         item["pixels"] = model.image_input(image, aspect)

@@ -218,40 +218,86 @@ def fit_law(
     return out
 
 
+def _same(kind: str, key: str, seen: dict[str, tuple[Any, Path]], value: Any, path: Path) -> None:
+    """Refuse a table whose results for one column were computed with different settings."""
+    first = seen.setdefault(key, (value, path))
+    if first[0] != value:
+        raise VrlabError(
+            f"the law table would mix {kind} settings for '{key}': {first[1]} has {first[0]} but {path} has "
+            f"{value}; rerun one of them with the other's settings or leave it out of the globs"
+        )
+
+
+def bench_column(benchmark: str) -> str:
+    """`lmms:<task>` images score the benchmark `<task>`: A on them is column `A_<task>`."""
+    return benchmark.removeprefix("lmms:")
+
+
 def collect_table(
     alignment_files: Sequence[Path],
     correspondence_files: Sequence[Path],
     scores: pd.DataFrame | None,
     protocol: str | None = None,
+    eval_files: Sequence[Path] = (),
 ) -> pd.DataFrame:
-    """One row per representation from alignment.json / correspondence.json results and a scores table.
+    """One row per representation from alignment.json, correspondence.json and eval.json results (vrlab's own
+    runs) and, optionally, a scores table.
 
-    With `protocol`, only C results of that protocol count; two C results for one representation are an error.
+    With `protocol`, only C results of that protocol count. Two results for one cell are an error, and so is
+    a column whose values were computed with different settings (C protocol; A's image count, dtype and
+    references per benchmark; an eval task's limit, generation overrides, task version and sample count).
     """
     rows: dict[str, dict[str, Any]] = {}
-    c_source: dict[str, Path] = {}
+    source: dict[tuple[str, str], Path] = {}
+    settings: dict[str, tuple[Any, Path]] = {}
+
+    def put(name: str, column: str, value: Any, path: Path) -> None:
+        if (name, column) in source:
+            raise VrlabError(
+                f"two results for '{name}', column '{column}': {source[name, column]} and {path}; "
+                "remove one (or set law.protocol for C)"
+            )
+        source[name, column] = Path(path)
+        rows.setdefault(name, {})[column] = value
+
     for path in correspondence_files:
         rec = json.loads(Path(path).read_text())
         if protocol and rec["settings"]["protocol"] != protocol:
             continue
-        name = rec["representation"]
-        if name in c_source:
-            raise VrlabError(
-                f"two C results for '{name}': {c_source[name]} and {path}; set law.protocol or remove one"
-            )
-        c_source[name] = Path(path)
-        rows.setdefault(name, {})["C"] = rec["C"]
+        _same("C", "C", settings, rec["settings"]["protocol"], Path(path))
+        put(rec["representation"], "C", rec["C"], Path(path))
     for path in alignment_files:
         rec = json.loads(Path(path).read_text())
         for bench, value in rec["A"].items():
-            rows.setdefault(rec["representation"], {})[f"A_{bench}"] = value
+            s = rec.get("results", {}).get(bench, {})
+            used = (
+                s.get("settings", {}).get("n_images"),
+                s.get("settings", {}).get("dtype"),
+                sorted(s.get("references", {})),
+            )
+            _same("A", f"A_{bench_column(bench)}", settings, used, Path(path))
+            put(rec["representation"], f"A_{bench_column(bench)}", value, Path(path))
+    for path in eval_files:
+        rec = json.loads(Path(path).read_text())
+        for task in rec.get("tasks", {}).values():
+            for name, r in task["results"].items():
+                if not isinstance(r.get("score"), int | float):
+                    continue
+                used = (
+                    rec.get("limit"),
+                    rec.get("gen_kwargs"),
+                    task.get("versions", {}).get(name),
+                    r["n_samples"],
+                )
+                _same("eval", name, settings, used, Path(path))
+                put(rec["representation"], name, float(r["score"]), Path(path))
     if scores is not None:
         if "representation" not in scores.columns:
             raise VrlabError("the scores table needs a 'representation' column")
         for _, r in scores.iterrows():
-            rows.setdefault(r["representation"], {}).update(
-                {k: v for k, v in r.items() if k != "representation"}
-            )
+            for k, v in r.items():
+                if k != "representation":
+                    put(r["representation"], str(k), v, Path("law.scores"))
     if not rows:
-        raise VrlabError("no alignment, correspondence or score results found to build a law table")
+        raise VrlabError("no alignment, correspondence, eval or score results found to build a law table")
     return pd.DataFrame([{"representation": k, **v} for k, v in sorted(rows.items())])

@@ -79,7 +79,14 @@ def eval_task(cfg: Any) -> dict[str, Any]:
         )
 
     summary = evaluate(
-        model, tasks, out, include=to_plain(ecfg.include) or [], limit=ecfg.limit, gen_kwargs=gen_kwargs, header=header
+        model,
+        tasks,
+        out,
+        include=to_plain(ecfg.include) or [],
+        limit=ecfg.limit,
+        gen_kwargs=gen_kwargs,
+        header=header,
+        data=cfg.paths.data,
     )
     print_table(summary, f"{representation}: {out}")
     log.info("eval results -> %s", out / "eval.json")

@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def law_table_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=law_table`: gather A and C results (globs) and a scores CSV into one table."""
+    """`vrlab task=law_table`: gather A, C and eval results (globs) and an optional scores CSV into one table."""
     lcfg = cfg.law
     a_files = sorted(Path(p) for g in lcfg.alignment for p in glob(g, recursive=True))
     c_files = sorted(Path(p) for g in lcfg.correspondence for p in glob(g, recursive=True))
+    e_files = sorted(Path(p) for g in lcfg.eval for p in glob(g, recursive=True))
     scores = pd.read_csv(lcfg.scores) if lcfg.scores else None
-    table = collect_table(a_files, c_files, scores, lcfg.protocol)
+    table = collect_table(a_files, c_files, scores, lcfg.protocol, e_files)
     out = Path(lcfg.out or Path(cfg.paths.outputs) / "law" / "table.csv")
     atomic_write_bytes(out, table.to_csv(index=False).encode())
     log.info("law table with %d representations and columns %s -> %s", len(table), list(table.columns), out)
