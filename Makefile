@@ -15,11 +15,14 @@ LAW_DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva0
 # The law paper's 13 representations (law.md §1); CLIP336+DINOv2 runs DINOv2 at 336 px.
 LAW_ENCODERS ?= clip336,clip224,openclip-l,dinov2-l,siglip-b,sdim,sd1.5,sd2.1,sdxl,dit,sd3,clip224.dinov2-l,clip336.dinov2-l-336
 ADAPTERS ?= checkpoints/stage1
+ENCODERS ?= $(LAW_ENCODERS)
+# stage 1 also for the two A references (CLIP-224 and CLIP-336), once each
+PAPER_TRAIN = $(shell echo $(ENCODERS),clip224,clip336 | tr ',' '\n' | awk '!seen[$$0]++' | paste -sd, -)
 TABLE ?= outputs/law/table.csv
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo perf law-ac law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
+.PHONY: help install test test-fast lint format demo perf law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -90,6 +93,17 @@ law-ac: install ## the law paper's C (protocol=law, SPair-71k) and A (stage-1 ad
 	$(VRLAB) -m task=correspondence experiment=law_ac encoder=$(LAW_ENCODERS)
 	VRLAB_ADAPTERS=$(ADAPTERS) $(VRLAB) -m task=alignment experiment=law_ac encoder=$(LAW_ENCODERS)
 	$(VRLAB) task=law_table law.protocol=law
+
+law-paper: install ## the Law paper's whole pipeline for ENCODERS (default its 13) on real data; resumable
+	$(VRLAB) -m task=train stage=1 train.data=llava-558k experiment=law_paper encoder=$(PAPER_TRAIN)
+	$(VRLAB) -m task=train stage=2 train.data=llava-665k experiment=law_paper encoder=$(ENCODERS) \
+		'train.init_from=$${runs}/stage1/$${encoder}/adapter'
+	$(VRLAB) -m task=eval experiment=law_paper encoder=$(ENCODERS)
+	$(VRLAB) -m task=alignment experiment=law_paper encoder=$(ENCODERS)
+	$(VRLAB) -m task=correspondence experiment=law_paper encoder=$(ENCODERS)
+	$(VRLAB) task=law_table experiment=law_paper
+	$(VRLAB) task=law_fit experiment=law_paper
+	$(VRLAB) task=law_policy experiment=law_paper
 
 law-fit: install ## fit the AC law on TABLE=<csv>, simulate the AC policy and rank untrained candidates
 	$(VRLAB) task=law_fit law.table=$(TABLE)

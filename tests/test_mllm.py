@@ -386,6 +386,24 @@ def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_ro
         )
     )
     assert Path(s2["saved"], "vlm_config.json").exists() and s1["tokens_per_second"] > 0
+    # train.skip_done: the same inputs skip training; a changed stage-1 adapter (new weights) trains again
+    stage2 = [
+        "task=train",
+        "stage=2",
+        "train.data=synth-conversations",
+        f"train.out={tmp_path / 's2'}",
+        f"train.init_from={s1['saved']}",
+        "train.skip_done=true",
+        *common,
+    ]
+    model_file = next(Path(s2["saved"]).rglob("*.safetensors"))
+    before = model_file.stat().st_mtime_ns
+    again = run_task(compose_cfg(*stage2))
+    assert again["inputs"] == s2["inputs"] and model_file.stat().st_mtime_ns == before
+    weights = next(Path(s1["saved"]).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # same bytes, new mtime: counts as new inputs
+    retrained = run_task(compose_cfg(*stage2))
+    assert retrained["inputs"] != s2["inputs"] and model_file.stat().st_mtime_ns != before
     out = run_task(
         compose_cfg(
             "task=generate",

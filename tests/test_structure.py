@@ -132,6 +132,7 @@ def _names(cfg) -> tuple[set[str], set[str]]:
     encoders |= set(c["demo"]["law_encoders"])
     benchmarks = {b for b in (c.get("benchmark"), c["train"]["data"], c["probe"]["train"]) if b}
     benchmarks |= set(c["probe"]["test"]) | set(c["alignment"]["benchmarks"])
+    benchmarks = {b for b in benchmarks if not b.startswith("lmms:")}  # lmms-eval tasks, not cards
     return encoders, benchmarks
 
 

@@ -48,7 +48,9 @@ class DataTask(ConfigurableTask):
         config = {k: v for k, v in dict(config or {}).items() if k != "class"}
         dataset_kwargs = dict(config.get("dataset_kwargs") or {})
         if "data_files" in dataset_kwargs:
-            dataset_kwargs["data_files"] = resolve_data_files(dataset_kwargs["data_files"], config.get("task", "?"))
+            dataset_kwargs["data_files"] = resolve_data_files(
+                dataset_kwargs["data_files"], config.get("task", "?")
+            )
         config["dataset_kwargs"] = dataset_kwargs
         super().__init__(config=config, **kwargs)
 

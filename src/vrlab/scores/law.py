@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,7 @@ def collect_table(
     scores: pd.DataFrame | None,
     protocol: str | None = None,
     eval_files: Sequence[Path] = (),
+    score_metrics: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per representation from alignment.json, correspondence.json and eval.json results (vrlab's own
     runs) and, optionally, a scores table.
@@ -291,6 +292,12 @@ def collect_table(
                 )
                 _same("eval", name, settings, used, Path(path))
                 put(rec["representation"], name, float(r["score"]), Path(path))
+                for column, where in (score_metrics or {}).items():
+                    sub, _, metric = where.partition("/")
+                    value = r.get("metrics", {}).get(f"{metric},none") if sub == name else None
+                    if isinstance(value, int | float):
+                        _same("eval", column, settings, used, Path(path))
+                        put(rec["representation"], column, float(value), Path(path))
     if scores is not None:
         if "representation" not in scores.columns:
             raise VrlabError("the scores table needs a 'representation' column")

@@ -40,8 +40,11 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
         )
     results, store_keys = {}, {}
     for bench in benchmarks:
+        bench_args = {**to_plain(cfg.benchmark_args), **to_plain(acfg.get("benchmark_args") or {})}
         cand = run_extraction(
-            extraction_request(cfg, cfg.encoder, bench, adapter=acfg.adapter, limit=acfg.n_images)
+            extraction_request(
+                cfg, cfg.encoder, bench, adapter=acfg.adapter, limit=acfg.n_images, benchmark_args=bench_args
+            )
         )
         refs = {
             r["name"]: run_extraction(
@@ -52,6 +55,7 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
                     adapter=r.get("adapter"),
                     limit=acfg.n_images,
                     encoder_args=r.get("encoder_args", {}),
+                    benchmark_args=bench_args,
                 )
             )
             for r in references

@@ -3,6 +3,7 @@ stage-2 model about images)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from vrlab.errors import VrlabError
 from vrlab.mllm.data import ConversationDataset
 from vrlab.mllm.model import VisionLanguageModel
 from vrlab.mllm.train import generate_batch, train
-from vrlab.runtime import atomic_write_json, resolve_device, run_dir, seed_everything, to_plain
+from vrlab.runtime import atomic_write_json, config_hash, resolve_device, run_dir, seed_everything, to_plain
 from vrlab.tasks.config import benchmark_from_cfg
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,51 @@ def _model_from_cfg(cfg: Any) -> VisionLanguageModel:
     return model
 
 
+def _inputs_fingerprint(cfg: Any, data: Any) -> str:
+    """What a training run read: its settings, the encoder card's files, the LLM folder, the stage-1 adapter
+    and the data card's files (sizes and modification times, nothing is read), so `train.skip_done` never
+    keeps a model trained on something else."""
+    from vrlab.fingerprint import card_fingerprint, spec_fingerprint
+    from vrlab.registry import Registry
+
+    cards = [c.to_dict() for c in Registry.from_config(to_plain(cfg.registry)).resolve(cfg.encoder)]
+    paths = [p for p in (cfg.llm.source, cfg.train.init_from) if p]
+    return config_hash(
+        {
+            "stage": cfg.stage,
+            "encoder": [card_fingerprint(c) | {"card": c} for c in cards],
+            "paths": spec_fingerprint({"paths": paths}),
+            "llm": cfg.llm.source,
+            "adapter": to_plain(cfg.adapter),
+            "data": [
+                data.to_dict(),
+                spec_fingerprint({"json": str(Path(data.spec["root"]) / data.spec.get("file", ""))}),
+            ],
+            "args": to_plain(cfg.train[f"stage{cfg.stage}"]),
+            "lora": to_plain(cfg.train.lora),
+            "init_from": cfg.train.init_from,
+            "seed": cfg.seed,
+        }
+    )
+
+
 def train_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=train stage=1|2 encoder=... llm=... adapter=... train.data=<LLaVA JSON benchmark card>`."""
     seed_everything(cfg.seed)
     if cfg.stage not in (1, 2):
         raise VrlabError(f"stage={cfg.stage} must be 1 or 2")
-    model = _model_from_cfg(cfg)
     loader = benchmark_from_cfg(cfg, cfg.train.data, {})
+    inputs = _inputs_fingerprint(cfg, loader.card)
+    done = Path(cfg.train.out) / "train_result.json" if cfg.train.out else None
+    if cfg.train.skip_done and done is not None and done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("inputs") == inputs:
+            log.info(
+                "stage %d of %s already trained with these inputs (%s); skipped", cfg.stage, cfg.encoder, done
+            )
+            return previous
+        log.info("stage %d of %s: inputs changed since %s; training again", cfg.stage, cfg.encoder, done)
+    model = _model_from_cfg(cfg)
     dataset = ConversationDataset(loader, model, image_aspect_ratio=cfg.train.image_aspect_ratio)
     stage_args = dict(to_plain(cfg.train[f"stage{cfg.stage}"]))
     stage_args.setdefault("seed", cfg.seed)
@@ -77,6 +116,7 @@ def train_task(cfg: Any) -> dict[str, Any]:
         resume=cfg.train.resume,
         lora=to_plain(cfg.train.lora) if cfg.stage == 2 else None,
     )
+    result["inputs"] = inputs
     atomic_write_json(out / "train_result.json", result)
     log.info(
         "stage %d done: %d steps, loss %.3f -> %.3f, %.0f tokens/s; saved %s",
