@@ -324,3 +324,7 @@ def test_law_table_from_eval_results_refuses_mixed_settings(tmp_path):
         collect_table([], [], None, eval_files=[a, b, c])
     with pytest.raises(VrlabError, match="two results for 'enc-a'"):
         collect_table([], [], None, eval_files=[a, a])
+    newer = _eval_json(tmp_path / "d/eval.json", "enc-a", 0.125)
+    os.utime(a, ns=(1, 1))
+    kept = collect_table([], [], None, eval_files=[newer, a, b], duplicates="newest")
+    assert kept.set_index("representation")["synth_vqa"]["enc-a"] == 0.125

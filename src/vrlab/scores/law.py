@@ -240,11 +240,13 @@ def collect_table(
     protocol: str | None = None,
     eval_files: Sequence[Path] = (),
     score_metrics: Mapping[str, str] | None = None,
+    duplicates: str = "error",
 ) -> pd.DataFrame:
     """One row per representation from alignment.json, correspondence.json and eval.json results (vrlab's own
     runs) and, optionally, a scores table.
 
-    With `protocol`, only C results of that protocol count. Two results for one cell are an error, and so is
+    With `protocol`, only C results of that protocol count. Two results for one cell are an error (with
+    `duplicates="newest"`, the most recently written wins and the others are named in a warning), and so is
     a column whose values were computed with different settings (C protocol; A's image count, dtype and
     references per benchmark; an eval task's limit, generation overrides, task version and sample count).
     """
@@ -254,10 +256,16 @@ def collect_table(
 
     def put(name: str, column: str, value: Any, path: Path) -> None:
         if (name, column) in source:
-            raise VrlabError(
-                f"two results for '{name}', column '{column}': {source[name, column]} and {path}; "
-                "remove one (or set law.protocol for C)"
-            )
+            older = source[name, column]
+            if duplicates != "newest" or not older.exists() or not Path(path).exists():
+                raise VrlabError(
+                    f"two results for '{name}', column '{column}': {older} and {path}; remove one "
+                    "(or set law.protocol for C, or law.duplicates=newest to keep the most recent)"
+                )
+            if older.stat().st_mtime_ns > Path(path).stat().st_mtime_ns:
+                log.warning("%s, %s: kept %s, ignored the older %s", name, column, older, path)
+                return
+            log.warning("%s, %s: kept %s, ignored the older %s", name, column, path, older)
         source[name, column] = Path(path)
         rows.setdefault(name, {})[column] = value
 

@@ -28,7 +28,11 @@ def law_table_task(cfg: Any) -> dict[str, Any]:
     c_files = sorted(Path(p) for g in lcfg.correspondence for p in glob(g, recursive=True))
     e_files = sorted(Path(p) for g in lcfg.eval for p in glob(g, recursive=True))
     scores = pd.read_csv(lcfg.scores) if lcfg.scores else None
-    table = collect_table(a_files, c_files, scores, lcfg.protocol, e_files, to_plain(lcfg.score_metrics))
+    if lcfg.duplicates not in ("error", "newest"):
+        raise VrlabError(f"law.duplicates={lcfg.duplicates!r} must be 'error' or 'newest'")
+    table = collect_table(
+        a_files, c_files, scores, lcfg.protocol, e_files, to_plain(lcfg.score_metrics), lcfg.duplicates
+    )
     out = Path(lcfg.out or Path(cfg.paths.outputs) / "law" / "table.csv")
     atomic_write_bytes(out, table.to_csv(index=False).encode())
     log.info("law table with %d representations and columns %s -> %s", len(table), list(table.columns), out)
