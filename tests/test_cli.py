@@ -158,7 +158,8 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_end_to_end(tmp_path):
-    """`make demo` on a fresh folder: tiny models of every family, then features for each and two composites."""
+    """`make demo` on a fresh folder: tiny models of every family, features for each and two composites, then
+    training, lmms-eval on the local tasks and the law fitted on the eval scores."""
     proc = subprocess.run(
         [
             "make",
@@ -185,6 +186,16 @@ def test_make_demo_end_to_end(tmp_path):
             and s["tokens_shape"][0] == 8
             and s["tokens_shape"][1] == s["grid"][0] * s["grid"][1]
         )
+    # every law candidate trained, evaluated by lmms-eval on both local tasks, and the law fitted on those
+    evals = [json.loads(p.read_text()) for p in (tmp_path / "out" / "eval").glob("*/eval.json")]
+    assert len(evals) == 9 and all(set(e["tasks"]) == {"synth_vqa", "synth_mc"} for e in evals)
+    assert all(e["tasks"]["synth_mc"]["results"]["synth_mc"]["n_samples"] == 48 for e in evals)
+    assert "synth_vqa" in proc.stdout and "exact_match,none" in proc.stdout
+    (fit,) = (tmp_path / "out" / "law").glob("fit-*/law_fit.json")
+    law = json.loads(fit.read_text())
+    assert set(law["benchmarks"]) == {"synth_vqa", "synth_mc"} and law["benchmarks"]["synth_mc"]["n"] == 9
+    table = (tmp_path / "out" / "law" / "table.csv").read_text().splitlines()[0].split(",")
+    assert {"A_synth_vqa", "A_synth_mc", "C", "synth_vqa", "synth_mc"} <= set(table)
 
 
 def test_readme_notebook_session_runs(tiny_root, data_root, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ lmms-eval's retries.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import os
@@ -59,18 +60,24 @@ def local_tasks_dir() -> Path:
     return builtin_dir("benchmarks") / "lmms"
 
 
+@functools.lru_cache(maxsize=8)
+def _index(paths: tuple[str, ...], defaults: bool) -> Any:
+    """One TaskManager per set of folders and process: indexing is the slow part (a sweep of evals reuses it)."""
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=defaults, verbosity="ERROR")
+
+
 def task_manager(tasks: Sequence[str], include: Sequence[str | Path] = ()) -> Any:
     """A TaskManager over vrlab's tasks and `include`; lmms-eval's ~2000 built-ins are indexed only when a
     name is not found locally (indexing them takes seconds)."""
-    from lmms_eval.tasks import TaskManager
-
-    paths = [str(local_tasks_dir()), *(str(Path(p).expanduser()) for p in include)]
+    paths = (str(local_tasks_dir()), *(str(Path(p).expanduser().absolute()) for p in include))
     for p in paths[1:]:
         if not Path(p).is_dir():
             raise VrlabError(f"eval.include: task folder {p} does not exist")
-    manager = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+    manager = _index(paths, False)
     if not all(t in manager.all_tasks for t in tasks):
-        manager = TaskManager(include_path=paths, include_defaults=True, verbosity="ERROR")
+        manager = _index(paths, True)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
