@@ -328,3 +328,38 @@ def test_law_table_from_eval_results_refuses_mixed_settings(tmp_path):
     os.utime(a, ns=(1, 1))
     kept = collect_table([], [], None, eval_files=[newer, a, b], duplicates="newest")
     assert kept.set_index("representation")["synth_vqa"]["enc-a"] == 0.125
+
+
+@pytest.mark.parametrize(
+    "encoder,adapter,llm_kind",
+    [
+        ("tiny/clip.tiny/sd", {"type": "mlp2x_gelu"}, "llama"),  # a composite with a diffusion member
+        (
+            "tiny/dinov2",
+            {"type": "qformer", "num_queries": 4, "hidden": 32, "layers": 1, "heads": 4},
+            "llama",
+        ),
+        ("tiny/clip", {"type": "linear"}, "t5"),  # seq2seq: vision tokens in the encoder input
+    ],
+)
+def test_every_kind_of_model_answers_and_scores(tiny_root, env, tmp_path, encoder, adapter, llm_kind):
+    from vrlab.eval.model import VrlabLMM
+
+    llm = build_llm(tmp_path / "llm", corpus=default_corpus(), kind=llm_kind)
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(
+        encoder, str(llm), adapter, registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]}
+    )
+    folder = model.save_pretrained(tmp_path / "m")
+    single, batched = (
+        VrlabLMM(model=VisionLanguageModel.from_pretrained(folder), batch_size=b) for b in (1, 3)
+    )
+    gen = requests_for(single, "synth_vqa", "generate", 3)
+    batched.task_dict = single.task_dict
+    answers = batched.generate_until(gen)
+    assert answers == single.generate_until(gen) and all(isinstance(a, str) for a in answers)
+    ll = requests_for(single, "synth_mc", "ll", 2)
+    batched.task_dict = single.task_dict
+    nll = [r.text[0] for r in batched.loglikelihood(ll)]
+    assert np.allclose(nll, [r.text[0] for r in single.loglikelihood(ll)], atol=1e-4)
+    assert all(math.isfinite(x) for x in nll)

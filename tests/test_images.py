@@ -4,7 +4,7 @@ and torchvision references."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.transforms import v2
 
 from vrlab.data.images import decode_image, list_images
@@ -56,7 +56,10 @@ def test_tiny_image(tmp_path):
     assert ImageTransform(32)(out).shape == (3, 32, 32)
 
 
-def test_unreadable_image_names_the_file(tmp_path):
+@pytest.mark.parametrize("pil_tolerates_truncation", [False, True], ids=["pil-default", "lmms-eval-import"])
+def test_unreadable_image_names_the_file(tmp_path, monkeypatch, pil_tolerates_truncation):
+    # importing lmms-eval turns PIL's LOAD_TRUNCATED_IMAGES on for the whole process; vrlab still refuses
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", pil_tolerates_truncation)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(ImageDecodeError, match="broken.jpg"):
@@ -65,6 +68,9 @@ def test_unreadable_image_names_the_file(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:60])
     with pytest.raises(ImageDecodeError, match="cut.png"):
         decode_image(truncated)
+    assert (
+        ImageFile.LOAD_TRUNCATED_IMAGES is pil_tolerates_truncation
+    )  # the process's setting is left as it was
 
 
 def test_list_images_sorted_and_errors(tmp_path):

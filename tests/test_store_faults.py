@@ -30,6 +30,19 @@ TOKENS = torch.randn(len(IDS), 8, 16, generator=_gen)
 POOLED = torch.randn(len(IDS), 16, generator=_gen)
 
 
+@pytest.fixture(params=["filelock", "lmms-eval-patched"])
+def filelocks(request, monkeypatch):
+    """Store locks as filelock ships them, and after lmms-eval's evaluator has patched `FileLock(...)`
+    process-wide into shared reentrant instances (it does so on every in-process evaluation)."""
+    if request.param == "lmms-eval-patched":
+        from filelock._api import FileLockMeta
+        from lmms_eval import evaluator
+
+        monkeypatch.setattr(FileLockMeta, "__call__", FileLockMeta.__call__)
+        monkeypatch.setattr(evaluator._enable_reentrant_filelocks, "_patched", False, raising=False)
+        evaluator._enable_reentrant_filelocks()
+
+
 def write(writer: StoreWriter, shards=None) -> StoreWriter:
     for s in range(writer.num_shards) if shards is None else shards:
         r = writer.shard_range(s)
@@ -118,7 +131,7 @@ def test_a_manifest_that_is_not_json_is_named(tmp_path):
         is_complete(path)
 
 
-def test_two_writers_with_different_settings_started_together_one_is_refused(tmp_path):
+def test_two_writers_with_different_settings_started_together_one_is_refused(tmp_path, filelocks):
     path, start = tmp_path / "s", threading.Barrier(2)
     outcome: dict[str, object] = {}
 
@@ -142,7 +155,7 @@ def test_two_writers_with_different_settings_started_together_one_is_refused(tmp
     assert manifest["key"] == store_key(OTHER if winner == "b" else SETTINGS, IDS, SHARD, "float32")
 
 
-def test_a_live_writer_of_other_settings_refuses_the_second_until_it_finishes(tmp_path):
+def test_a_live_writer_of_other_settings_refuses_the_second_until_it_finishes(tmp_path, filelocks):
     path = tmp_path / "s"
     first = StoreWriter(path, SETTINGS, IDS, SHARD)
     with pytest.raises(VrlabError, match=r"another extraction is writing the store .*/s with other settings"):
@@ -152,7 +165,7 @@ def test_a_live_writer_of_other_settings_refuses_the_second_until_it_finishes(tm
         StoreWriter(path, OTHER, IDS, SHARD, lock_timeout=0.2)
 
 
-def test_a_writer_waits_for_the_lock_only_lock_timeout_seconds(tmp_path):
+def test_a_writer_waits_for_the_lock_only_lock_timeout_seconds(tmp_path, filelocks):
     path = tmp_path / "s"
     path.mkdir()
     held = FileLock(path / ".lock", thread_local=False)

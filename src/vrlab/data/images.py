@@ -10,19 +10,47 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vrlab.errors import ImageDecodeError, VrlabError
 
 # 50 megapixels (data.max_pixels' default): far above any benchmark image; decoding one costs ~1 GB at most.
 DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+_strict = threading.Lock()
+_strict_users = 0
+_saved_truncated = False
+
+
+@contextlib.contextmanager
+def _truncated_images_refused():
+    """PIL's `LOAD_TRUNCATED_IMAGES` off while vrlab decodes, whoever set it process-wide.
+
+    lmms-eval sets it on at import (`lmms_eval.api.task`), which would let a cut file decode into partly
+    grey pixels silently. Counted, so that concurrent decodes neither hold a lock while decoding nor leave
+    the flag off for the code that turned it on.
+    """
+    global _strict_users, _saved_truncated
+    with _strict:
+        if _strict_users == 0:
+            _saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _strict_users += 1
+    try:
+        yield
+    finally:
+        with _strict:
+            _strict_users -= 1
+            if _strict_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_truncated
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -77,7 +105,8 @@ def decode_image(
                 if reduce_to and im.format in ("JPEG", "MPO") and max(w, h) > reduce_to:
                     scale = reduce_to / max(w, h)
                     im.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
-                im.load()
+                with _truncated_images_refused():
+                    im.load()
                 with contextlib.suppress(Exception):  # a corrupt EXIF block should not cost the pixels
                     im = ImageOps.exif_transpose(im)
                 rgb = _to_rgb(im)

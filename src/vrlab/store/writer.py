@@ -35,6 +35,16 @@ from vrlab.store.format import (
 )
 from vrlab.store.reader import EmbeddingStore
 
+
+class StoreLock(FileLock):
+    """A plain `FileLock`, of a class of vrlab's own.
+
+    lmms-eval's evaluator (0.7.3) patches `FileLock(...)` process-wide to return one shared, reentrant
+    instance per path; a store's locks would then stop excluding a second writer in the same process. The
+    patch matches `filelock.FileLock` by identity, so a subclass keeps the real semantics.
+    """
+
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +66,7 @@ class StoreWriter:
         *,
         lock_timeout: float = LOCK_TIMEOUT,
     ) -> None:
-        self._marker: FileLock | None = None  # first, so that __del__ works whatever fails below
+        self._marker: StoreLock | None = None  # first, so that __del__ works whatever fails below
         if dtype not in DTYPES:
             raise VrlabError(f"store dtype '{dtype}' is not one of {sorted(DTYPES)}")
         if shard_size < 1:
@@ -67,7 +77,7 @@ class StoreWriter:
         self.lock_timeout = float(lock_timeout)
         self._verified: dict[int, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self.path.mkdir(parents=True, exist_ok=True)
-        self._mutex = FileLock(self.path / LOCK_NAME, timeout=self.lock_timeout, thread_local=False)
+        self._mutex = StoreLock(self.path / LOCK_NAME, timeout=self.lock_timeout, thread_local=False)
         with self._critical():
             self._refuse_other_writers()
             if (self.path / "manifest.json").exists():
@@ -93,7 +103,7 @@ class StoreWriter:
                         "versions": library_versions(),
                     },
                 )
-            marker = FileLock(
+            marker = StoreLock(
                 self.path / f"{WRITER_PREFIX}{self.key}-{secrets.token_hex(4)}.lock", thread_local=False
             )
             marker.acquire(blocking=False)  # a fresh name: nobody else holds it
@@ -121,7 +131,7 @@ class StoreWriter:
             key = marker.name[len(WRITER_PREFIX) :].split("-")[0]
             if key == self.key:
                 continue  # a rank of this same extraction
-            probe = FileLock(marker, thread_local=False)
+            probe = StoreLock(marker, thread_local=False)
             try:
                 probe.acquire(blocking=False)
             except Timeout:
