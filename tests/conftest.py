@@ -73,6 +73,7 @@ SMALL_BENCHMARK = {
     "llava": 6,
     "spair_pairs_per_category": 2,
     "imagenet_c_per_class": 1,
+    "captions": 16,
 }
 
 

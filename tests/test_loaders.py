@@ -203,11 +203,14 @@ def test_generated_benchmark_reads_through_every_card(generated):
         "synth-imagenet-c": 6 * 75,
         "synth-captions": 6,
         "synth-conversations": 6,
+        "synth-retrieval": 16,
     }
     for name, count in expected.items():
         loader = load_benchmark(name, generated)
         assert len(loader) == count, name
         assert all(it.path.exists() for it in loader.items)
+    captions = load_benchmark("synth-retrieval", generated)
+    assert len(captions.captions) == 32 and captions.caption_image == [i // 2 for i in range(32)]
     voc = load_benchmark("synth-voc-test", generated)
     assert voc.classes == list(SHAPES) and all(1 <= len(it.label) <= 3 for it in voc.items)
 

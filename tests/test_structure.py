@@ -95,6 +95,9 @@ def test_layers_point_one_way():
         "vrlab.scores": ("vrlab.extract", "vrlab.mllm", "vrlab.probes"),
         "vrlab.perf": ("vrlab.probes", "vrlab.scores"),
         "vrlab.mllm.data": ("vrlab.mllm.model",),
+        # LLM2CLIP and retrieval stand beside the MLLM: neither reaches into it, the probes or the scores
+        "vrlab.llm2clip": ("vrlab.mllm", "vrlab.probes", "vrlab.scores", "vrlab.extract"),
+        "vrlab.retrieval": ("vrlab.mllm", "vrlab.probes", "vrlab.scores", "vrlab.extract"),
     }
     bad = [
         (m, e)
@@ -130,7 +133,8 @@ def _names(cfg) -> tuple[set[str], set[str]]:
     encoders = {c["encoder"]} if c.get("encoder") else set()
     encoders |= {r["encoder"] for r in c["alignment"]["references"]}
     encoders |= set(c["demo"]["law_encoders"])
-    benchmarks = {b for b in (c.get("benchmark"), c["train"]["data"], c["probe"]["train"]) if b}
+    named = (c.get("benchmark"), c["train"]["data"], c["probe"]["train"], c["llm2clip_text"]["benchmark"])
+    benchmarks = {b for b in (*named, c["llm2clip"]["benchmark"], c["llm2clip"]["eval_benchmark"]) if b}
     benchmarks |= set(c["probe"]["test"]) | set(c["alignment"]["benchmarks"])
     benchmarks = {b for b in benchmarks if not b.startswith("lmms:")}  # lmms-eval tasks, not cards
     return encoders, benchmarks

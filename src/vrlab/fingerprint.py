@@ -85,6 +85,13 @@ def spec_fingerprint(spec: Mapping[str, Any]) -> dict[str, str]:
             commit = _hub_commit(text, spec.get("revision"))
             if commit:
                 out[raw] = f"hub:{commit}"
+    weights = spec.get("weights")  # a timm card's file in a hub repository: {repo, file, revision}
+    if isinstance(weights, Mapping) and weights.get("repo") and weights.get("file"):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(weights["repo"], weights["file"], revision=weights.get("revision"))
+        if isinstance(found, str):
+            out[f"{weights['repo']}/{weights['file']}"] = path_fingerprint(found)
     return out
 
 

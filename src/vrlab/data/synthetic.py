@@ -1,6 +1,7 @@
 """The generated benchmark: rendered scenes written in the real datasets' layouts (SPair-71k pairs under an exact
 similarity warp, VOC multi-label scenes, ImageFolder classes, two VisDA domains, ImageNet-C copies, LLaVA
-captions and conversations, the local lmms-eval tasks), deterministic from a seed. Scenes themselves come
+captions and conversations, the local lmms-eval tasks, a caption set in the Flickr30k/COCO Karpathy
+retrieval layout), deterministic from a seed. Scenes themselves come
 from `vrlab.data.scenes`, their questions from `vrlab.data.questions`.
 """
 
@@ -26,6 +27,7 @@ DEFAULT_SIZES = {
     "imagenet_c_per_class": 1,  # clean test images per class, each corrupted 15 x 5 times (ImageNet-C layout)
     "llava": 48,  # LLaVA JSON samples (captions and conversations share the images)
     "lmms": 48,  # questions of each local lmms-eval task (synth_vqa, synth_mc), on scenes of their own
+    "captions": 64,  # images with a short and a long caption (retrieval and LLM2CLIP), on scenes of their own
 }
 
 
@@ -254,6 +256,40 @@ def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[in
     return count
 
 
+def _where(obj: SceneObject, size: tuple[int, int]) -> str:
+    h, w = size
+    cx, cy = (obj.bbox[0] + obj.bbox[2]) / (2 * w), (obj.bbox[1] + obj.bbox[3]) / (2 * h)
+    row = "top" if cy < 0.4 else "bottom" if cy > 0.6 else ""
+    col = "left" if cx < 0.4 else "right" if cx > 0.6 else ""
+    return "at the " + " ".join(p for p in (row, col) if p) if row or col else "in the middle"
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def write_captions(root: Path, rng: np.random.Generator, count: int, size: tuple[int, int]) -> int:
+    """Images with two captions each, `[{"image", "caption": [short, long]}]` (the retrieval layout).
+
+    The short caption names the shapes and colours; the long one adds where each shape is and the style,
+    as LLM2CLIP's short and dense captions differ in detail, not in subject.
+    """
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        scene = render_scene(rng, size, n_objects=(1, 3), style="flat" if i % 2 == 0 else "photo")
+        name = f"{i:05d}.png"
+        scene.image.save(root / "images" / name)
+        short = " and ".join(_a(f"{o.colour} {o.shape}") for o in scene.objects)
+        parts = [f"{_a(o.colour)} {o.shape} {_where(o, size)}" for o in scene.objects]
+        style = "A photo with a textured background" if scene.style == "photo" else "A flat drawing"
+        count_words = ["no shapes", "one shape", "two shapes", "three shapes"]
+        long = f"{style} showing {count_words[len(parts)]}: " + ", ".join(parts)
+        records.append({"image": name, "caption": [short.capitalize() + ".", long + "."]})
+    (root / "captions.json").write_text(json.dumps(records, indent=1))
+    return count
+
+
 def make_benchmark(
     root: str | Path,
     seed: int = 0,
@@ -304,6 +340,9 @@ def make_benchmark(
         ),
         "llava": write_llava(tmp / "llava", np.random.default_rng([seed, 6]), sizes["llava"], image_size),
         "lmms": write_lmms_tasks(tmp / "lmms", np.random.default_rng([seed, 7]), sizes["lmms"], image_size),
+        "captions": write_captions(
+            tmp / "captions", np.random.default_rng([seed, 8]), sizes["captions"], image_size
+        ),
     }
     counts["imagenet_c"] = write_imagenet_c(
         tmp / "imagenet_c", tmp / "folder" / "test", sizes["imagenet_c_per_class"], seed

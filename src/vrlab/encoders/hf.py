@@ -41,7 +41,7 @@ def _import_class(path: str) -> Any:
         raise VrlabError(f"cannot import model_class '{path}': {exc}") from exc
 
 
-def _load_quietly(cls: Any, source: str, kwargs: dict[str, Any]) -> Any:
+def load_quietly(cls: Any, source: str, kwargs: dict[str, Any]) -> Any:
     """`from_pretrained` without the load report listing the text-tower weights a vision-only class skips."""
     from transformers.utils import logging as hf_logging
 
@@ -85,7 +85,7 @@ class HFVisionEncoder(VisionEncoder):
         )
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        self.model = _load_quietly(cls, source, kwargs)
+        self.model = load_quietly(cls, source, kwargs)
         vcfg = getattr(self.model.config, "vision_config", self.model.config)
         patch = getattr(vcfg, "patch_size", None)
         if patch is None:

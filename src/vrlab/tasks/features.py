@@ -36,6 +36,9 @@ def features_task(cfg: Any) -> dict[str, Any]:
         raise VrlabError("task=features needs features.images=<a folder of images>")
     if not cfg.encoder:
         raise VrlabError("task=features needs encoder=<name> (see vrlab task=encoders)")
+    from vrlab.registry import Registry
+
+    Registry.from_config(registry_cfg(cfg)).resolve(cfg.encoder)  # a misspelt name, before any file is read
     paths = list_images(cfg.features.images)[: cfg.features.limit or None]
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
