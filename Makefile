@@ -79,10 +79,9 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_policy experiment=demo $(DEMO_ARGS)
 	@# LLM2CLIP: the tiny LLM fine-tuned on caption pairs, a CLIP stage of tiny CLIP against its stored caption
-	@# embeddings (retrieval before and after), then task=retrieval on the saved model.
+	@# embeddings, with retrieval before and after (`task=retrieval experiment=demo_llm2clip` reads the saved model).
 	$(OFFLINE) $(VRLAB) task=llm2clip_text experiment=demo_llm2clip $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=llm2clip experiment=demo_llm2clip $(DEMO_ARGS)
-	$(OFFLINE) $(VRLAB) task=retrieval experiment=demo_llm2clip $(DEMO_ARGS)
 	@# LMVR on the demo's stage-2 model: the aggregation sweep and the component comparison.
 	$(OFFLINE) $(VRLAB) -m task=probe experiment=demo_lmvr probe.token_set=all,image,prompt,last probe.pooling=mean,max \
 		probe.layer=-1,1 probe.moment=before,after $(DEMO_ARGS)
