@@ -292,3 +292,11 @@ def test_a_foreign_shard_in_the_folder_is_replaced_on_resume(tmp_path):
     again = StoreWriter(path, SETTINGS, IDS, SHARD)
     assert again.missing() == [2]
     assert torch.equal(write(again, [2]).finalize().load(), TOKENS)
+
+
+def test_finalize_removes_temporary_files_a_killed_writer_left(tmp_path):
+    writer = StoreWriter(tmp_path / "s", SETTINGS, IDS, SHARD)
+    left = tmp_path / "s" / ".shard-00001.safetensors.sha256.x1y2z3.tmp"  # as a SIGKILL mid-write leaves it
+    left.write_bytes(b"half a record")
+    store = write(writer).finalize()
+    assert not left.exists() and torch.equal(store.load(), TOKENS)

@@ -9,6 +9,8 @@ The Python API (imported lazily, so `import vrlab` is cheap):
     a = vrlab.alignment(candidate_store, {"clip224": reference_store})["A"]
     fit = vrlab.fit_law(table)                                  # the AC law on a DataFrame
     probe = vrlab.LinearProbe(multilabel=False).fit(x, y)
+    model = vrlab.load_retrieval_model("hf:openai/clip-vit-base-patch32")   # or an LLM2CLIPModel folder
+    recall = vrlab.evaluate_retrieval(model, vrlab.load_benchmark("flickr30k-test", "data"))
 
 `vrlab task=...` (the Hydra app) runs the same functions from config.
 """
@@ -37,6 +39,11 @@ _EXPORTS = {
     "recommend": "vrlab.scores.policy",
     "VisionLanguageModel": "vrlab.mllm.model",
     "LinearProbe": "vrlab.probes.linear",
+    "LLMTextEncoder": "vrlab.llm2clip.text",
+    "LLM2CLIPModel": "vrlab.llm2clip.model",
+    "load_retrieval_model": "vrlab.retrieval",
+    "evaluate_retrieval": "vrlab.retrieval",
+    "recall_at_k": "vrlab.retrieval",
     "VrlabError": "vrlab.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -324,6 +324,10 @@ class StoreWriter:
                         f"the manifest of store {self.path} was replaced by another extraction (key "
                         f"{manifest.get('key')}, this one's is {self.key}); delete the folder and rerun"
                     )
+                # a writer killed mid-write leaves its temporary file (`.<name>.<random>.tmp`); every shard and
+                # record is in place by now, so none of them is still being written
+                for stale in self.path.glob(".*.tmp"):
+                    stale.unlink(missing_ok=True)
                 manifest.update(
                     complete=True,
                     stored_ids=stored,
