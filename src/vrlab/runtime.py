@@ -143,3 +143,20 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
+
+
+def training_arguments(out_dir: str | Path, args: Mapping[str, Any], **defaults: Any) -> Any:
+    """`transformers.TrainingArguments` with vrlab's defaults under `args`: checkpoints in `<out_dir>/trainer`,
+    the batch's own columns kept, no reporting, the CPU when there is no GPU, data loaded in the process."""
+    import torch
+    from transformers import TrainingArguments
+
+    base = {
+        "output_dir": str(Path(out_dir) / "trainer"),
+        "remove_unused_columns": False,
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        **defaults,
+    }
+    return TrainingArguments(**{**base, **dict(args)})

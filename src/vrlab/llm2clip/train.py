@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from vrlab.data.images import decode_image
 from vrlab.encoders.base import collate_pixels
@@ -35,7 +35,7 @@ from vrlab.fingerprint import spec_fingerprint
 from vrlab.llm2clip.losses import hard_negative_nll
 from vrlab.llm2clip.model import LLM2CLIPModel
 from vrlab.llm2clip.text import LONG_TO_SHORT, SHORT_TO_LONG, TEXT_CONFIG, LLMTextEncoder
-from vrlab.runtime import atomic_write_json, slug
+from vrlab.runtime import atomic_write_json, slug, training_arguments
 from vrlab.store import EmbeddingStore, StoreWriter, is_complete, store_key
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,6 @@ class EpochAware(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.model is not None:
             self.model.clamp_logit_scale()
-
-
-def _trainer_args(out_dir: Path, args: Mapping[str, Any]) -> TrainingArguments:
-    defaults = {
-        "output_dir": str(out_dir / "trainer"),
-        "remove_unused_columns": False,
-        "report_to": [],
-        "use_cpu": not torch.cuda.is_available(),
-        "dataloader_num_workers": 0,
-        "save_strategy": "no",
-    }
-    return TrainingArguments(**{**defaults, **dict(args)})
 
 
 # --- text stage -------------------------------------------------------------------------------------------
@@ -176,7 +164,7 @@ def train_text_stage(
     data = CaptionTriplets(pairs, seed)
     trainer = Trainer(
         model=model,
-        args=_trainer_args(out_dir, {"seed": seed, **dict(args)}),
+        args=training_arguments(out_dir, {"seed": seed, **dict(args)}, save_strategy="no"),
         train_dataset=data,
         data_collator=model.collate,
         callbacks=[EpochAware(data)],
@@ -290,7 +278,7 @@ def train_clip_stage(
     model.train()
     trainer = Trainer(
         model=model,
-        args=_trainer_args(out_dir, {"seed": seed, **dict(args)}),
+        args=training_arguments(out_dir, {"seed": seed, **dict(args)}, save_strategy="no"),
         train_dataset=dataset,
         data_collator=collate_pairs,
         callbacks=[EpochAware(dataset, model)],

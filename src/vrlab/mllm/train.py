@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from vrlab.checkpoint import save_adapter
 from vrlab.errors import VrlabError
 from vrlab.mllm.data import Collator, ConversationDataset
 from vrlab.mllm.inference import generate_answers
 from vrlab.mllm.model import VisionLanguageModel
+from vrlab.runtime import training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,7 @@ def train(
         sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
     )
     meter = ThroughputLog()
-    defaults = {
-        "output_dir": str(out_dir / "trainer"),
-        "remove_unused_columns": False,
-        "report_to": [],
-        "use_cpu": not torch.cuda.is_available(),
-        "dataloader_num_workers": 0,
-    }
-    targs = TrainingArguments(**{**defaults, **dict(args)})
+    targs = training_arguments(out_dir, args)
     trainer = Trainer(
         model=model,
         args=targs,
