@@ -1,6 +1,6 @@
 """Adapters between a vision encoder and an LLM, and the stage-1 checkpoint format.
 
-- `linear` (LLaVA v0, LMVR) and `mlp2x_gelu` (LLaVA-1.5: Linear, GELU, Linear);
+- `linear` (LLaVA v0, LMVR) and `mlp2x_gelu` (LLaVA-1.5: Linear, GELU, Linear; LLaVA's `mlp<N>x_gelu` too);
 - `qformer` (BLIP-2): learnable queries through transformers' `Blip2QFormerModel` cross-attending to the
   vision tokens, then a linear map to the LLM width;
 - `tg` (TG-LLaVA): learnable latents, one per vision token, through a small Q-Former that cross-attends to
@@ -16,6 +16,7 @@ extraction and the MLLM, so neither imports the other.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,18 @@ ADAPTERS = ("linear", "mlp2x_gelu", "qformer", "tg")
 
 
 def build_mlp(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """`linear` or `mlp2x_gelu`."""
+    """`linear`, or LLaVA's `mlp<N>x_gelu`: Linear, then N-1 times (GELU, Linear); `mlp2x_gelu` is LLaVA-1.5's."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
-    if kind == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-    raise VrlabError(f"unknown projection type '{kind}'; choose linear or mlp2x_gelu")
+    depth = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if depth and int(depth.group(1)) >= 1:
+        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        for _ in range(int(depth.group(1)) - 1):
+            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+        return nn.Sequential(*layers)
+    raise VrlabError(
+        f"unknown projection type '{kind}'; choose linear or mlp<N>x_gelu (mlp2x_gelu is LLaVA-1.5's)"
+    )
 
 
 def _qformer(hidden: int, layers: int, heads: int, encoder_hidden: int, cross_every: int = 1) -> nn.Module:
@@ -159,7 +166,7 @@ def build_adapter(config: Mapping[str, Any]) -> nn.Module:
     options = {
         k: v for k, v in cfg.items() if k not in ("encoder", "llm", "num_tokens_in", "template", "stage")
     }
-    if kind in ("linear", "mlp2x_gelu"):
+    if kind == "linear" or re.fullmatch(r"mlp\d+x_gelu", str(kind)):
         return MLPAdapter(kind, in_dim, out_dim)
     if kind == "qformer":
         return QFormerAdapter(in_dim, out_dim, **options)

@@ -38,6 +38,7 @@ TASKS = {
     "generate": "vrlab.tasks.train:generate_task",
     "eval": "vrlab.tasks.eval:eval_task",
     "export_hf": "vrlab.tasks.export:export_hf_task",
+    "import": "vrlab.tasks.imports:import_task",
     "llm2clip_text": "vrlab.tasks.llm2clip:llm2clip_text_task",
     "llm2clip": "vrlab.tasks.llm2clip:llm2clip_task",
     "retrieval": "vrlab.tasks.retrieval:retrieval_task",

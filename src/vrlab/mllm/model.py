@@ -54,6 +54,8 @@ def load_llm(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, A
         tokenizer.pad_token = tokenizer.eos_token
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    # Grow only: many LLMs pad their embedding matrix beyond the tokenizer (Qwen2, llava-hf's 32064 rows).
+    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer))
     return llm, tokenizer
 
@@ -279,13 +281,26 @@ class VisionLanguageModel(nn.Module):
         if not (path / VLM_CONFIG).exists():
             raise VrlabError(f"no vrlab model at {path} ({VLM_CONFIG} missing)")
         config = json.loads((path / VLM_CONFIG).read_text())
-        encoder = encoder_from_dict(config["encoder"], config.get("compose") or None)
+        encoder = encoder_from_dict(_local_sources(config["encoder"], path), config.get("compose") or None)
         llm, tokenizer = load_llm(str(path / "llm"), config.get("trust_remote_code", False))
         adapter, _ = load_adapter(path / "adapter", expect_in_dim=encoder.dim, encoder=encoder.name)
         guide_model = guide_tokenizer = None
         if config["adapter"]["type"] == "tg":
             guide_model, guide_tokenizer = _load_text_tower(config.get("text_tower"))
         return cls(encoder, adapter, llm, tokenizer, config, guide_model, guide_tokenizer).eval()
+
+
+def _local_sources(card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """A card whose `source` starts with `./` (a tower saved inside the model folder) made absolute."""
+    card = dict(card)
+    spec = dict(card.get("spec", {}))
+    source = spec.get("source")
+    if isinstance(source, str) and source.startswith("./"):
+        spec["source"] = str((folder / source).resolve())
+    card["spec"] = spec
+    if card.get("members"):
+        card["members"] = [_local_sources(m, folder) for m in card["members"]]
+    return card
 
 
 def _load_text_tower(spec: Mapping[str, Any] | None) -> tuple[nn.Module, Any]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from vrlab.data.benchmarks import load_benchmark
 from vrlab.data.images import DEFAULT_MAX_PIXELS
 from vrlab.data.loaders import Loader
+from vrlab.errors import VrlabError
 from vrlab.extract import ExtractionRequest
+from vrlab.published import ImportOptions, ensure_vrlab
 from vrlab.runtime import to_plain
 
 
@@ -48,4 +51,31 @@ def extraction_request(cfg: Any, encoder: str, benchmark: str, **changes: Any) -
         dtype=str(cfg.dtype),
         seed=cfg.seed,
     )
+    if changes.get("adapter"):
+        changes["adapter"] = adapter_checkpoint(cfg, changes["adapter"])
     return dataclasses.replace(request, **{k: to_plain(v) for k, v in changes.items()})
+
+
+def import_options(cfg: Any) -> ImportOptions:
+    """The `import` section (what a published checkpoint does not say), with the registry and compose policy."""
+    return ImportOptions.from_config(
+        to_plain(cfg.get("import")), registry=registry_cfg(cfg), compose=to_plain(cfg.get("compose") or {})
+    )
+
+
+def model_checkpoint(cfg: Any, task: str, path: Any = None) -> Path:
+    """`checkpoint=` (or `path`) as a vrlab model folder: vrlab's own as it is, a published one imported once
+    under `<paths.outputs>/imports/` (LLaVA, TG-LLaVA, Hugging Face Llava; see `vrlab.published`)."""
+    path = path or cfg.checkpoint
+    if not path:
+        raise VrlabError(
+            f"task={task} needs checkpoint=<a model: a vrlab stage-2 folder, or a LLaVA, TG-LLaVA or "
+            "Hugging Face Llava checkpoint>"
+        )
+    return ensure_vrlab(path, "model", Path(cfg.paths.outputs) / "imports", import_options(cfg))
+
+
+def adapter_checkpoint(cfg: Any, path: Any) -> str:
+    """An adapter argument as a vrlab adapter folder (a LLaVA `mm_projector.bin` or stage-1 folder is imported;
+    a model folder gives its projector)."""
+    return str(ensure_vrlab(path, "adapter", Path(cfg.paths.outputs) / "imports", import_options(cfg)))

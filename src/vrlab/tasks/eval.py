@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vrlab.checkpoint import VLM_CONFIG, folder_digest
-from vrlab.errors import VrlabError
 from vrlab.runtime import run_dir, to_plain
+from vrlab.tasks.config import model_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,7 @@ def eval_task(cfg: Any) -> dict[str, Any]:
     """Evaluate `checkpoint` (a folder written by stage 2) on `eval.tasks`."""
     from vrlab.eval.run import evaluate
 
-    if not cfg.checkpoint:
-        raise VrlabError("task=eval needs checkpoint=<folder written by vrlab stage 2>")
-    checkpoint = Path(cfg.checkpoint)
-    if not (checkpoint / VLM_CONFIG).is_file():
-        raise VrlabError(f"checkpoint {checkpoint} is not a vrlab model ({VLM_CONFIG} missing)")
+    checkpoint = model_checkpoint(cfg, "eval")
     ecfg = cfg.eval
     tasks = [str(t) for t in to_plain(ecfg.tasks) or []]
     config = json.loads((checkpoint / VLM_CONFIG).read_text())
@@ -74,7 +70,7 @@ def eval_task(cfg: Any) -> dict[str, Any]:
             pretrained=str(checkpoint),
             batch_size=ecfg.batch_size,
             device=cfg.device,
-            image_aspect_ratio=cfg.train.image_aspect_ratio,
+            image_aspect_ratio=config.get("image_aspect_ratio") or cfg.train.image_aspect_ratio,
             max_new_tokens=ecfg.max_new_tokens,
         )
 

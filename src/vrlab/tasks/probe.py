@@ -32,15 +32,14 @@ from vrlab.runtime import (
     to_plain,
 )
 from vrlab.store import EmbeddingStore, is_complete
-from vrlab.tasks.config import benchmark_from_cfg
+from vrlab.tasks.config import benchmark_from_cfg, model_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def lmvr_stores(cfg: Any, benchmark: Any, model: Any = None) -> tuple[Path, dict[str, EmbeddingStore]]:
     """The three stores of `benchmark` for `cfg.checkpoint` and `cfg.lmvr`, computed once (keyed by settings)."""
-    if not cfg.checkpoint:
-        raise VrlabError("LMVR features need checkpoint=<a stage-2 model folder>")
+    checkpoint = model_checkpoint(cfg, "lmvr_features")
     lcfg = cfg.lmvr
     options = {
         "prompt": lcfg.prompt,
@@ -51,21 +50,19 @@ def lmvr_stores(cfg: Any, benchmark: Any, model: Any = None) -> tuple[Path, dict
         "max_new_tokens": lcfg.max_new_tokens,
     }
     settings = {
-        "checkpoint": str(Path(cfg.checkpoint).resolve()),
+        "checkpoint": str(checkpoint.resolve()),
         "benchmark": benchmark.card.name,
         **options,
         # retrained weights at the same path, or changed images, must not reuse the features
         "fingerprint": {
-            "checkpoint": path_fingerprint(cfg.checkpoint) if Path(cfg.checkpoint).exists() else None,
+            "checkpoint": path_fingerprint(checkpoint),
             "images": items_fingerprint([it.path for it in benchmark.items]),
         },
     }
-    out = run_dir(cfg.paths.outputs, f"lmvr/{slug(benchmark.card.name)}", Path(cfg.checkpoint).name, settings)
+    out = run_dir(cfg.paths.outputs, f"lmvr/{slug(benchmark.card.name)}", checkpoint.name, settings)
     kinds = ("llm", "encoder", "adapter")
     if not all(is_complete(out / k) for k in kinds):
-        model = (
-            model or VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device)).eval()
-        )
+        model = model or VisionLanguageModel.from_pretrained(checkpoint).to(resolve_device(cfg.device)).eval()
         return out, write_lmvr_stores(
             model, benchmark.items, out, settings, batch_size=lcfg.batch_size, **options
         )
@@ -196,9 +193,10 @@ def probe_table_task(cfg: Any) -> dict[str, Any]:
 
 def attention_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=attention checkpoint=... attention.image=<file> attention.words=[...]`."""
-    if not cfg.checkpoint or not cfg.attention.image:
-        raise VrlabError("task=attention needs checkpoint=<stage-2 model> and attention.image=<file>")
-    model = VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device)).eval()
+    if not cfg.attention.image:
+        raise VrlabError("task=attention needs attention.image=<file>")
+    checkpoint = model_checkpoint(cfg, "attention")
+    model = VisionLanguageModel.from_pretrained(checkpoint).to(resolve_device(cfg.device)).eval()
     image = decode_image(cfg.attention.image)
     res = word_attention(
         model,
@@ -214,7 +212,7 @@ def attention_task(cfg: Any) -> dict[str, Any]:
             cfg.paths.outputs,
             "attention",
             Path(cfg.attention.image).stem,
-            {"ckpt": str(cfg.checkpoint), "layer": cfg.attention.layer},
+            {"ckpt": str(checkpoint), "layer": cfg.attention.layer},
         )
     )
     files = [

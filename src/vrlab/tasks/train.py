@@ -8,21 +8,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vrlab.checkpoint import VLM_CONFIG
 from vrlab.data.images import decode_image, list_images
 from vrlab.errors import VrlabError
 from vrlab.mllm.data import ConversationDataset
 from vrlab.mllm.model import VisionLanguageModel
 from vrlab.mllm.train import generate_batch, train
+from vrlab.published import MODEL_FORMATS, detect_format
 from vrlab.runtime import atomic_write_json, config_hash, resolve_device, run_dir, seed_everything, to_plain
-from vrlab.tasks.config import benchmark_from_cfg
+from vrlab.tasks.config import adapter_checkpoint, benchmark_from_cfg, model_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def _model_from_cfg(cfg: Any) -> VisionLanguageModel:
-    if cfg.train.init_from and cfg.stage == 2 and (Path(cfg.train.init_from) / VLM_CONFIG).exists():
-        return VisionLanguageModel.from_pretrained(cfg.train.init_from)
+    init = cfg.train.init_from
+    if init and cfg.stage == 2 and detect_format(init) in MODEL_FORMATS:
+        return VisionLanguageModel.from_pretrained(model_checkpoint(cfg, "train", init))
     adapter = dict(to_plain(cfg.adapter))
     text_tower = adapter.pop("text_tower", None)
     model = VisionLanguageModel.build(
@@ -36,8 +37,9 @@ def _model_from_cfg(cfg: Any) -> VisionLanguageModel:
         trust_remote_code=cfg.llm.trust_remote_code,
         text_tower=text_tower,
     )
-    if cfg.train.init_from:
-        model.load_adapter_checkpoint(cfg.train.init_from)
+    if init:
+        model.load_adapter_checkpoint(adapter_checkpoint(cfg, init))
+    model.config_dict["image_aspect_ratio"] = cfg.train.image_aspect_ratio
     if cfg.stage == 2:
         model.template = model.config_dict["template"] = cfg.llm.template
     return model
@@ -132,9 +134,9 @@ def train_task(cfg: Any) -> dict[str, Any]:
 
 def generate_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=generate checkpoint=<stage-2 model> generate.images=[...] generate.prompt='...'`."""
-    if not cfg.checkpoint:
-        raise VrlabError("task=generate needs checkpoint=<folder written by stage 2>")
-    model = VisionLanguageModel.from_pretrained(cfg.checkpoint).to(resolve_device(cfg.device))
+    model = VisionLanguageModel.from_pretrained(model_checkpoint(cfg, "generate")).to(
+        resolve_device(cfg.device)
+    )
     paths = [Path(p) for p in to_plain(cfg.generate.images)]
     if len(paths) == 1 and paths[0].is_dir():
         paths = list_images(paths[0])[: cfg.generate.limit or None]
@@ -144,7 +146,7 @@ def generate_task(cfg: Any) -> dict[str, Any]:
         images,
         [cfg.generate.prompt] * len(images),
         cfg.generate.max_new_tokens,
-        cfg.train.image_aspect_ratio,
+        model.config_dict.get("image_aspect_ratio") or cfg.train.image_aspect_ratio,
     )
     for p, a in zip(paths, answers, strict=True):
         print(f"{p.name}: {a}")
