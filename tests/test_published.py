@@ -451,3 +451,25 @@ def test_tasks_take_a_published_checkpoint_and_import_it_once(
     )
     with pytest.raises(VrlabError, match="llava_stage1 checkpoint .* a model is needed"):
         generate_task(compose_cfg(f"registry.encoder_dirs=[{tiny_root / 'cards'}]", f"checkpoint={stage1}"))
+
+
+def test_an_llm_padded_beyond_its_tokenizer_keeps_its_rows(tmp_path):
+    """A tokenizer without `<image>` and an embedding matrix with spare rows (llava-hf has 32064, Qwen2
+    pads too): adding `<image>` must use a spare row, not shrink the matrix to the tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from vrlab.mllm.model import load_llm
+
+    words = ["<pad>", "</s>", "a", "red", "square", "blue", "circle"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+    config = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(words) + 8, **config))
+    model.save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+    loaded, tok = load_llm(str(tmp_path / "padded"))
+    assert tok.convert_tokens_to_ids("<image>") == len(words)
+    assert loaded.get_input_embeddings().weight.shape[0] == len(words) + 8
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)

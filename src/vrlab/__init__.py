@@ -11,6 +11,7 @@ The Python API (imported lazily, so `import vrlab` is cheap):
     probe = vrlab.LinearProbe(multilabel=False).fit(x, y)
     model = vrlab.load_retrieval_model("hf:openai/clip-vit-base-patch32")   # or an LLM2CLIPModel folder
     recall = vrlab.evaluate_retrieval(model, vrlab.load_benchmark("flickr30k-test", "data"))
+    vrlab.import_checkpoint("llava-v1.5-7b", "imports/llava-v1.5-7b")   # a published LLaVA as a vrlab model
 
 `vrlab task=...` (the Hydra app) runs the same functions from config.
 """
@@ -38,6 +39,8 @@ _EXPORTS = {
     "simulate_policy": "vrlab.scores.policy",
     "recommend": "vrlab.scores.policy",
     "VisionLanguageModel": "vrlab.mllm.model",
+    "import_checkpoint": "vrlab.published",
+    "ImportOptions": "vrlab.published",
     "LinearProbe": "vrlab.probes.linear",
     "LLMTextEncoder": "vrlab.llm2clip.text",
     "LLM2CLIPModel": "vrlab.llm2clip.model",

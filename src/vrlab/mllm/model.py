@@ -279,7 +279,10 @@ class VisionLanguageModel(nn.Module):
         """Rebuild a model saved by `save_pretrained` with one call."""
         path = Path(path)
         if not (path / VLM_CONFIG).exists():
-            raise VrlabError(f"no vrlab model at {path} ({VLM_CONFIG} missing)")
+            raise VrlabError(
+                f"no vrlab model at {path} ({VLM_CONFIG} missing); a LLaVA, TG-LLaVA or Hugging Face Llava "
+                "checkpoint is converted once with vrlab.import_checkpoint(path, out) or task=import"
+            )
         config = json.loads((path / VLM_CONFIG).read_text())
         encoder = encoder_from_dict(_local_sources(config["encoder"], path), config.get("compose") or None)
         llm, tokenizer = load_llm(str(path / "llm"), config.get("trust_remote_code", False))
