@@ -247,6 +247,28 @@ def test_a_law_style_composite_tower_name_resolves(tiny_root, llm, registry, tmp
     assert cfg["encoder"] == composite.name and cfg["in_dim"] == composite.dim
 
 
+def test_a_law_diffusion_projector_brings_its_feature_settings_to_extraction(
+    tiny_root, llm, registry, compose_cfg, data_root, tmp_path
+):
+    """The Law paper's configs are the only record of their diffusion settings (img_size, t, up_ft_index);
+    a projector trained at t=50 must not be applied to features taken at the card's t=1."""
+    from vrlab.encoders.factory import build_encoder
+    from vrlab.tasks.config import extraction_request
+
+    model, _ = llm
+    composite = build_encoder(registry, "tiny/clip.tiny/sd")
+    config = llava_config(model, "tiny/clip.tiny/sd", composite.dim, mm_vision_select_layer=-1)
+    config.update(t=50, up_ft_index=0)  # up_ft_index equals the card's: no override needed for it
+    src = write_stage1(tmp_path / "law-sd", config, projector(composite.dim, model.config.hidden_size))
+    cfg = compose_cfg(f"registry.encoder_dirs=[{tiny_root / 'cards'}]", f"paths.data={data_root}")
+    request = extraction_request(cfg, "tiny/clip.tiny/sd", "synth-voc-test", adapter=str(src))
+    assert request.encoder_args == {"tiny/clip": {"layer": -1}, "tiny/sd": {"t": 50}}
+    theirs = extraction_request(
+        cfg, "tiny/clip.tiny/sd", "synth-voc-test", adapter=str(src), encoder_args={"tiny/sd": {"t": 5}}
+    )
+    assert theirs.encoder_args["tiny/sd"] == {"t": 5}  # the user's own setting wins (with a warning)
+
+
 class Payload:
     """An object whose unpickling would create a file: loading must never get that far."""
 

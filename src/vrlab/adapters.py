@@ -164,7 +164,9 @@ def build_adapter(config: Mapping[str, Any]) -> nn.Module:
     kind = cfg.pop("type", None)
     in_dim, out_dim = int(cfg.pop("in_dim")), int(cfg.pop("out_dim"))
     options = {
-        k: v for k, v in cfg.items() if k not in ("encoder", "llm", "num_tokens_in", "template", "stage")
+        k: v
+        for k, v in cfg.items()
+        if k not in ("encoder", "llm", "num_tokens_in", "template", "stage", "encoder_args")
     }
     if kind == "linear" or re.fullmatch(r"mlp\d+x_gelu", str(kind)):
         return MLPAdapter(kind, in_dim, out_dim)

@@ -48,6 +48,14 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     return json.loads((folder / ADAPTER_CONFIG).read_text()), load_file(str(folder / ADAPTER_WEIGHTS))
 
 
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """The config of an adapter checkpoint folder, without loading its weights."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise VrlabError(f"no adapter checkpoint at {folder} ({ADAPTER_CONFIG} missing)")
+    return json.loads(path.read_text())
+
+
 def file_digest(folder: str | Path) -> str:
     """SHA-256 of an adapter's weights, so a store keyed on an adapter changes when the weights do."""
     return hashlib.sha256((Path(folder) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]

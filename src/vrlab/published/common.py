@@ -130,6 +130,11 @@ def detect_format(path: str | Path) -> str:
         return "llava_next_hf"
     if "vision_config" in config and "text_config" in config and config.get("model_type") == "llava":
         return "llava_hf"
+    if (path / "non_lora_trainables.bin").is_file():
+        raise VrlabError(
+            f"{path} is a LLaVA LoRA folder (adapter_model + non_lora_trainables.bin): merge it into its base "
+            "model first (peft's merge_and_unload, as LLaVA's builder does) and import the merged folder"
+        )
     if "mm_vision_tower" in config or (path / "mm_projector.bin").is_file():
         if not llm_shards(path):
             return "llava_stage1"

@@ -84,10 +84,22 @@ def _projector_type(keys: list[str], declared: str | None, where: Path) -> str:
     return inferred
 
 
+# The Law paper's diffusion towers record their feature settings in config.json (its only record of them):
+# config key -> the diffusion card's option.
+DIFFUSION_KEYS = {
+    "img_size": "image_size",
+    "t": "t",
+    "up_ft_index": "block",
+    "ensemble_size": "ensemble_size",
+}
+
+
 def registry_tower(
-    name: str, select_layer: int | None, options: ImportOptions, where: Path
-) -> tuple[Any, list[str]]:
-    """The registry encoder named by the checkpoint, with LLaVA's select layer on the members that have one."""
+    name: str, config: Mapping[str, Any], options: ImportOptions, where: Path
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The registry encoder named by the checkpoint, with the settings its config records: LLaVA's select
+    layer on members whose card has a `layer`, the Law paper's diffusion settings on diffusion members.
+    Returns the encoder and the overrides per member (what a projector trained on it needs again)."""
     from vrlab.encoders.factory import build_encoder
     from vrlab.registry import Registry
 
@@ -99,14 +111,19 @@ def registry_tower(
             f"{where}: vision tower '{name}' is not a registered encoder ({exc}); give its registry name "
             "with import.tower=<name>, or add a card for it"
         ) from exc
-    overrides, layered = {}, []
+    overrides: dict[str, dict[str, Any]] = {}
+    select_layer = config.get("mm_vision_select_layer")
     for card in cards:
+        own = {}
         if select_layer is not None and "layer" in card.spec:
-            layered.append(card.name)
-            if int(card.spec["layer"]) != int(select_layer):
-                overrides[card.name] = {"layer": int(select_layer)}
+            own["layer"] = int(select_layer)
+        if "t" in card.spec and "block" in card.spec:  # a diffusion card
+            own.update({ours: config[theirs] for theirs, ours in DIFFUSION_KEYS.items() if theirs in config})
+        changed = {k: v for k, v in own.items() if card.spec.get(k) != v}
+        if changed:
+            overrides[card.name] = changed
     encoder = build_encoder(registry, name, overrides, dict(options.compose) or None).eval()
-    return encoder, layered
+    return encoder, overrides
 
 
 def _check_tower_weights(encoder: Any, state: Mapping[str, torch.Tensor], where: Path) -> None:
@@ -259,7 +276,7 @@ def import_llava(source: Path, out: Path, options: ImportOptions, fmt: str) -> d
     tower = options.tower or config.get("mm_vision_tower")
     if not tower:
         raise VrlabError(f"{where} has no mm_vision_tower; name the tower with import.tower=<registry name>")
-    encoder, layered = registry_tower(str(tower), config.get("mm_vision_select_layer"), options, where)
+    encoder, tower_args = registry_tower(str(tower), config, options, where)
     aspect = aspect_policy(config.get("image_aspect_ratio"), str(where))
     shards = llm_shards(source)
     parts, dropped = _write_llm(source, config, shards, out / "llm")
@@ -295,7 +312,7 @@ def import_llava(source: Path, out: Path, options: ImportOptions, fmt: str) -> d
         "config": model_cfg,
         "files": file_digests(files, source),
         "tower": str(tower),
-        "select_layer_applied_to": layered,
+        "encoder_args": tower_args,
         "dropped": dropped,
     }
 
@@ -314,7 +331,7 @@ def import_stage1(source: Path, out: Path, options: ImportOptions) -> dict[str, 
         raise VrlabError(
             f"{weights}: no config.json with mm_vision_tower beside it; name the tower with import.tower=<name>"
         )
-    encoder, layered = registry_tower(str(tower), config.get("mm_vision_select_layer"), options, where)
+    encoder, tower_args = registry_tower(str(tower), config, options, where)
     state = read_tensors(weights)
     module, cfg = _adapter_from_llava(
         strip_prefix(state, "mm_projector"), config, encoder, str(config.get("_name_or_path", "")), weights
@@ -335,10 +352,12 @@ def import_stage1(source: Path, out: Path, options: ImportOptions) -> dict[str, 
             cross_file,
         )
         files.append(cross_file)
-    save_adapter(module, out, {**cfg, "template": template_name(options, "plain")})
+    # the tower settings the projector was trained on, applied again wherever the adapter is used
+    extra = {"encoder_args": tower_args} if tower_args else {}
+    save_adapter(module, out, {**cfg, "template": template_name(options, "plain"), **extra})
     return {
         "files": file_digests(files, folder),
         "tower": str(tower),
-        "select_layer_applied_to": layered,
+        "encoder_args": tower_args,
         "dropped": dropped,
     }

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vrlab.checkpoint import read_adapter_config
 from vrlab.data.benchmarks import load_benchmark
 from vrlab.data.images import DEFAULT_MAX_PIXELS
 from vrlab.data.loaders import Loader
 from vrlab.errors import VrlabError
 from vrlab.extract import ExtractionRequest
 from vrlab.published import ImportOptions, ensure_vrlab
+from vrlab.registry import Registry
 from vrlab.runtime import to_plain
+
+log = logging.getLogger(__name__)
 
 
 def registry_cfg(cfg: Any) -> dict[str, Any]:
@@ -53,7 +58,40 @@ def extraction_request(cfg: Any, encoder: str, benchmark: str, **changes: Any) -
     )
     if changes.get("adapter"):
         changes["adapter"] = adapter_checkpoint(cfg, changes["adapter"])
+        changes["encoder_args"] = with_adapter_settings(
+            cfg,
+            changes["adapter"],
+            encoder,
+            to_plain(changes.get("encoder_args", request.encoder_args)) or {},
+        )
     return dataclasses.replace(request, **{k: to_plain(v) for k, v in changes.items()})
+
+
+def with_adapter_settings(
+    cfg: Any, adapter: str, encoder: str, encoder_args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """`encoder_args` under the tower settings an imported projector was trained with (its config's
+    `encoder_args`, per member: LLaVA's select layer, the Law paper's diffusion t/block/size); the user's own
+    arguments win, with a warning where they differ."""
+    trained = read_adapter_config(adapter).get("encoder_args") or {}
+    if not trained:
+        return dict(encoder_args)
+    members = {c.name for c in Registry.from_config(registry_cfg(cfg)).resolve(encoder)}
+    trained = {m: s for m, s in trained.items() if m in members}
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in encoder_args.items()}
+    for member, settings in trained.items():
+        given = merged.get(member, {})
+        clash = {k: (given[k], v) for k, v in settings.items() if k in given and given[k] != v}
+        if clash:
+            log.warning(
+                "adapter %s was trained on %s with %s; encoder_args override it: %s",
+                adapter,
+                member,
+                settings,
+                clash,
+            )
+        merged[member] = {**settings, **given}
+    return merged
 
 
 def import_options(cfg: Any) -> ImportOptions:
