@@ -198,6 +198,72 @@ def test_tg_at_initialisation_equals_the_model_without_it(dirs, llm_dir, llava, 
         assert not torch.equal(tg(**b_tg).logits, plain(**b_plain).logits)
 
 
+def siglip_text_tower(folder, width=24, length=16):
+    """A tiny full SigLIP checkpoint (as google/siglip-* are) with its own small tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+    words = ["<pad>", "</s>", "<unk>", "what", "colour", "is", "the", "circle", "square", "shape", "?"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    text = dict(
+        vocab_size=32,
+        hidden_size=width,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=length,
+    )
+    vision = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_tg_guides_with_a_siglip_text_tower(dirs, llm_dir, llava, tmp_path):
+    from transformers import SiglipTextModel
+
+    folder = siglip_text_tower(tmp_path / "siglip")
+    model = make(dirs, llm_dir, TG, text_tower={"source": str(folder)}).eval()
+    assert type(model.guide_model).__name__ == "SiglipTextModel"
+    assert model.config_dict["adapter"]["text_dim"] == 24  # read from the tower, not assumed
+    batch = batch_of(model, llava)
+    assert batch["guide_ids"].shape[1] == 16 and bool(
+        batch["guide_mask"].all()
+    )  # SigLIP's max_length padding
+    ids = model.guide_tokenizer(
+        ["what colour is the circle ?"], padding="max_length", max_length=16
+    ).input_ids
+    assert model.tokenize_guide(["what colour is the circle ?"])[0].tolist() == ids
+    reference = SiglipTextModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        pooled = reference(input_ids=torch.tensor(ids)).pooler_output
+        ours = model.guide_model(input_ids=torch.tensor(ids)).pooler_output
+        assert torch.allclose(pooled, ours)
+        model.adapter.zero.weight.normal_()
+        out = model(**batch).logits
+        other = dict(batch, guide_ids=model.tokenize_guide(["square"] * 3)[0])
+        assert not torch.allclose(out, model(**other).logits)  # the guide text matters
+    saved = VisionLanguageModel.from_pretrained(model.save_pretrained(tmp_path / "vlm"))
+    assert type(saved.guide_model).__name__ == "SiglipTextModel"
+
+
+def test_a_text_tower_that_is_not_clip_or_siglip_is_refused(dirs, llm_dir):
+    with pytest.raises(VrlabError, match="is a llama model; TG-LLaVA's guide takes CLIP, SigLIP or SigLIP 2"):
+        make(dirs, llm_dir, TG, text_tower={"source": str(llm_dir)})
+
+
 def test_seq2seq_llm_gets_vision_tokens_in_its_encoder(dirs, t5_dir, llava):
     model = make(dirs, t5_dir, QF, encoder="tiny/clip.tiny/dinov2")
     batch = batch_of(model, llava, n=2)

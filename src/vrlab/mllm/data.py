@@ -105,10 +105,7 @@ class Collator:
         if with_images:
             out["pixel_values"] = collate_pixels(with_images)
         if self.model.guide_tokenizer is not None:
-            enc = self.model.guide_tokenizer(
-                [b["guide"] for b in batch], padding=True, truncation=True, max_length=77, return_tensors="pt"
-            )
-            out["guide_ids"], out["guide_mask"] = enc.input_ids, enc.attention_mask
+            out["guide_ids"], out["guide_mask"] = self.model.tokenize_guide([b["guide"] for b in batch])
         return out
 
 

@@ -159,6 +159,19 @@ class VisionLanguageModel(nn.Module):
             raise VrlabError(f"image_aspect_ratio='{aspect}' must be 'pad' or 'resize'")
         return self.encoder.transform(image)
 
+    def tokenize_guide(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """TG-LLaVA's text-guide ids and mask. CLIP pads to the batch (77 at most); SigLIP's text towers were
+        trained on `max_length` padding without a mask and pool the last position, so they get exactly that."""
+        cfg = self.guide_model.config
+        if cfg.model_type.startswith("siglip"):
+            length = int(cfg.max_position_embeddings)
+            enc = self.guide_tokenizer(
+                texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+            )
+            return enc.input_ids, torch.ones_like(enc.input_ids)
+        enc = self.guide_tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        return enc.input_ids, enc.attention_mask
+
     def expand_placeholder(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Replace the single `<image>` id by one id per vision token (labels ignored there)."""
         if self.image_token_id not in ids:
@@ -306,14 +319,35 @@ def _local_sources(card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     return card
 
 
+# model_type of a checkpoint -> the text-only class TG-LLaVA's guide loads from it (full checkpoints too).
+TEXT_TOWERS = {
+    "clip": "CLIPTextModel",
+    "clip_text_model": "CLIPTextModel",
+    "siglip": "SiglipTextModel",
+    "siglip_text_model": "SiglipTextModel",
+    "siglip2": "Siglip2TextModel",
+    "siglip2_text_model": "Siglip2TextModel",
+}
+
+
 def _load_text_tower(spec: Mapping[str, Any] | None) -> tuple[nn.Module, Any]:
-    """The CLIP text tower TG-LLaVA guides with: `{source, model_subfolder?, tokenizer_subfolder?}`."""
-    from transformers import AutoTokenizer, CLIPTextModel
+    """The text tower TG-LLaVA guides with: `{source, model_subfolder?, tokenizer_subfolder?}`, a CLIP, SigLIP
+    or SigLIP 2 checkpoint (its pooled output guides; its width is read from the model)."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     if not spec or not spec.get("source"):
         raise VrlabError(
-            "adapter=tg needs adapter.text_tower.source (a CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336)"
+            "adapter=tg needs adapter.text_tower.source (a CLIP or SigLIP checkpoint, e.g. "
+            "openai/clip-vit-large-patch14-336 or google/siglip-so400m-patch14-384)"
         )
-    model = CLIPTextModel.from_pretrained(spec["source"], subfolder=spec.get("model_subfolder") or "")
+    subfolder = spec.get("model_subfolder") or ""
+    kind = AutoConfig.from_pretrained(spec["source"], subfolder=subfolder).model_type
+    if kind not in TEXT_TOWERS:
+        raise VrlabError(
+            f"text tower '{spec['source']}' is a {kind} model; TG-LLaVA's guide takes CLIP, SigLIP or SigLIP 2 "
+            f"text towers ({sorted(TEXT_TOWERS)})"
+        )
+    model = getattr(transformers, TEXT_TOWERS[kind]).from_pretrained(spec["source"], subfolder=subfolder)
     tokenizer = AutoTokenizer.from_pretrained(spec["source"], subfolder=spec.get("tokenizer_subfolder") or "")
     return model.eval(), tokenizer
