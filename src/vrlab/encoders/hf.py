@@ -110,7 +110,9 @@ class HFVisionEncoder(VisionEncoder):
             if size != native and "interpolate_pos_encoding" in params
             else {}
         )
-        if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
+        # At its own resolution a checkpoint may leave a remainder (SigLIP SO400M: 384 px, patch 14, 27 x 27
+        # patches): its patch convolution drops those pixels, as it did in training. Elsewhere, refuse.
+        if size != native and (size[0] % self.patch_size[0] or size[1] % self.patch_size[1]):
             raise ShapeError(
                 f"image_size {size} of '{source}' is not a multiple of its patch size {self.patch_size}"
             )
