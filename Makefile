@@ -19,6 +19,8 @@ ENCODERS ?= $(LAW_ENCODERS)
 # stage 1 also for the two A references (CLIP-224 and CLIP-336), once each
 PAPER_TRAIN = $(shell echo $(ENCODERS),clip224,clip336 | tr ',' '\n' | awk '!seen[$$0]++' | paste -sd, -)
 TABLE ?= outputs/law/table.csv
+# two workers on two cores (one thread each); PYTEST_WORKERS=0 runs in one process
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -41,10 +43,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install ## run the whole test suite offline (slow end-to-end tests included)
-	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: install ## the test suite without the slow end-to-end tests
-	$(OFFLINE) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -15,6 +15,12 @@ for _k, _v in {
     "WANDB_MODE": "disabled",
 }.items():
     os.environ.setdefault(_k, _v)
+# `make test` runs two pytest workers on the two cores: one thread each, inherited by the vrlab commands the
+# end-to-end tests start, so the workers do not fight over the cores.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if _THREADS == 1:
+    for _k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_k] = "1"
 
 from pathlib import Path  # noqa: E402
 
@@ -26,7 +32,7 @@ from PIL import Image  # noqa: E402
 from vrlab.demo.tiny_encoders import BUILDERS, build_tiny  # noqa: E402
 from vrlab.registry import Registry  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(_THREADS)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
