@@ -52,12 +52,21 @@ def test_builtin_cards_cover_the_papers_representations(builtin, name):
     assert card.path.parent.parent == BUILTIN_ENCODER_DIR
 
 
+# cards that read elsewhere than LLaVA's penultimate block, each as its model family does
+OWN_LAYER = {
+    "OpenGVLab/InternVL3-1B-hf": -1,  # InternVL's vision_feature_layer
+    "Qwen/Qwen2.5-VL-7B-Instruct": -1,  # the patch merger: its only tokens
+    "timm/convnext_large.dinov3_lvd1689m": -1,  # CNN stages: the last one
+    "timm/fastvit_mci4.apple_mclip2_dfndr2b": -2,  # stages: the last attention stage
+}
+
+
 def test_vits_default_to_layer_minus_two_and_diffusion_to_law_defaults(builtin):
     for card in builtin.list():
         if card.spec["_target_"].endswith("DiffusionEncoder"):
             assert (card.spec["t"], card.spec["block"], card.spec["prompt"]) == (1, 0, "")
         else:
-            assert card.spec["layer"] == -2, card.name
+            assert card.spec["layer"] == OWN_LAYER.get(card.name, -2), card.name
 
 
 @pytest.mark.parametrize(

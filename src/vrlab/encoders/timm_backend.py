@@ -1,9 +1,12 @@
-"""timm backend: EVA02 and any other timm vision transformer, built with `timm.create_model`.
+"""timm backend: EVA02, AIMv2, RADIO, DINOv3 and any other timm vision transformer or convolutional network,
+built with `timm.create_model`.
 
 `source` is whatever `timm.create_model` takes: a model name with an optional pretrained tag
 (`eva02_large_patch14_224.mim_m38m`), `hf-hub:org/name`, or `local-dir:/path` (a folder written by
 `timm.models.save_for_hf`). Tokens come from `forward_intermediates` at `layer` (block output, no final norm,
-prefix tokens dropped); `pooled` is the model's pre-logits head output.
+prefix tokens dropped); `pooled` is the model's pre-logits head output. A network without patch tokens
+(ConvNeXt, FastViT / MobileCLIP's MCi) gives the feature map of stage `layer` (timm's `feature_info`), one
+token per position in raster order, its grid the image size over that stage's stride.
 
 `weights` loads a checkpoint timm has no pretrained tag for into the architecture `source` names: a local
 file, or `{repo, file, revision}` of a file in a Hugging Face repository (`hf_hub_download`, so a cached file
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from vrlab.encoders.base import Features, VisionEncoder, as_size, image_transform
-from vrlab.errors import VrlabError
+from vrlab.errors import ShapeError, VrlabError
 
 
 def _weights_file(weights: str | Mapping[str, Any]) -> Path:
@@ -118,34 +121,58 @@ class TimmEncoder(VisionEncoder):
         kwargs = dict(model_kwargs or {})
         if image_size is not None:
             kwargs["img_size"] = as_size(image_size)
-        self.model = timm.create_model(
-            source,
+        create = dict(
             pretrained=pretrained and not checkpoint_path and weights is None,
             num_classes=0,
             checkpoint_path=checkpoint_path or "",
-            **kwargs,
-        ).eval()
+        )
+        try:
+            self.model = timm.create_model(source, **create, **kwargs).eval()
+        except TypeError as exc:
+            # a CNN takes any size as it is and has no img_size argument
+            if "img_size" not in str(exc) or "img_size" not in kwargs:
+                raise
+            kwargs.pop("img_size")
+            self.model = timm.create_model(source, **create, **kwargs).eval()
         if weights is not None:
             load_weights(self.model, weights)
         self.weights = weights
-        if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "patch_embed"):
-            raise VrlabError(f"timm model '{source}' is not a ViT-style model with forward_intermediates")
+        if not hasattr(self.model, "forward_intermediates"):
+            raise VrlabError(f"timm model '{source}' has no forward_intermediates, so no token maps to read")
         self.source, self.layer, self.use_pooled = source, int(layer), bool(pooled)
-        self.num_blocks = len(self.model.blocks)
+        cfg = self.model.pretrained_cfg
+        # a ViT's tokens come from its blocks; a CNN's from its stages (feature_info: channels and stride)
+        self.patch_tokens = hasattr(self.model, "patch_embed") and hasattr(self.model, "blocks")
+        if self.patch_tokens:
+            self.num_blocks, unit = len(self.model.blocks), "blocks"
+        else:
+            self.num_blocks, unit = len(self.model.feature_info), "stages"
         if not -self.num_blocks <= self.layer < self.num_blocks:
             raise VrlabError(
-                f"layer={layer} is out of range for timm model '{source}' with {self.num_blocks} blocks"
+                f"layer={layer} is out of range for timm model '{source}' with {self.num_blocks} {unit}"
             )
-        cfg = self.model.pretrained_cfg
-        size = as_size(image_size) if image_size is not None else as_size(self.model.patch_embed.img_size)
+        if self.patch_tokens:
+            native = self.model.patch_embed.img_size
+            self.patch_size = as_size(self.model.patch_embed.patch_size)
+            self.width = int(self.model.embed_dim)
+        else:
+            stage = self.model.feature_info[self.layer % self.num_blocks]
+            native = tuple(cfg.get("input_size", (3, 224, 224))[1:])
+            self.patch_size = as_size(int(stage["reduction"]))
+            self.width = int(stage["num_chs"])
+        size = as_size(image_size) if image_size is not None else as_size(native)
+        if not self.patch_tokens and (size[0] % self.patch_size[0] or size[1] % self.patch_size[1]):
+            raise ShapeError(
+                f"image_size {size} of timm model '{source}' is not a multiple of the stride "
+                f"{self.patch_size[0]} of stage {self.layer}"
+            )
         if not {"mean", "normalize"} & set(transform) and "mean" in cfg:
             transform |= {"mean": cfg["mean"], "std": cfg["std"]}
         self.transform = image_transform(size, "imagenet", **transform)
-        self.patch_size = as_size(self.model.patch_embed.patch_size)
 
     def _shape(self) -> tuple[int, tuple[int, int]]:
         h, w = self.image_size
-        return int(self.model.embed_dim), (h // self.patch_size[0], w // self.patch_size[1])
+        return self.width, (h // self.patch_size[0], w // self.patch_size[1])
 
     def backend_settings(self) -> dict[str, Any]:
         out = {"backend": "timm", "source": self.source, "layer": self.layer, "pooled": self.use_pooled}
@@ -155,13 +182,17 @@ class TimmEncoder(VisionEncoder):
 
     def forward(self, pixels: torch.Tensor) -> Features:
         index = self.layer % self.num_blocks
+        fmt = {"output_fmt": "NLC"} if self.patch_tokens else {}  # CNNs give NCHW maps only
         if self.use_pooled:
-            final, inter = self.model.forward_intermediates(pixels, indices=[index], output_fmt="NLC")
+            final, inter = self.model.forward_intermediates(pixels, indices=[index], **fmt)
             pooled = self.model.forward_head(final, pre_logits=True)
         else:
-            inter = self.model.forward_intermediates(
-                pixels, indices=[index], output_fmt="NLC", intermediates_only=True
-            )
+            inter = self.model.forward_intermediates(pixels, indices=[index], intermediates_only=True, **fmt)
             pooled = None
         h, w = self.grid
-        return Features(tokens=inter[0].reshape(pixels.shape[0], h * w, -1), grid=(h, w), pooled=pooled)
+        tokens = inter[0] if self.patch_tokens else inter[0].flatten(2).transpose(1, 2)
+        if tokens.shape[1] != h * w:
+            raise ShapeError(
+                f"timm model '{self.source}' gave {tokens.shape[1]} tokens, not its {h}x{w} grid"
+            )
+        return Features(tokens=tokens.reshape(pixels.shape[0], h * w, -1), grid=(h, w), pooled=pooled)

@@ -1,5 +1,6 @@
 """`vrlab task=encoders` and `task=benchmarks`: the tables of registered cards (with `encoders.build=true`,
-each encoder is built and its measured dim and grid reported)."""
+each encoder is built and its measured dim, grid and parameter count reported; `encoders.format=markdown`
+prints the README's table of built-in encoders)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ def encoders_task(cfg: Any) -> list[dict[str, Any]]:
     cards = registry.list(cfg.encoders.filter)
     rows = []
     for card in cards:
-        dim, grid, note = card.dim, card.grid, ""
+        dim, grid, params, note = card.dim, card.grid, None, ""
         if cfg.encoders.build:
             try:
                 encoder = build_encoder(registry, card.name)
                 dim, grid, note = encoder.dim, tuple(encoder.grid), "measured"
+                params = sum(p.numel() for p in encoder.parameters())
             except Exception as exc:  # a missing checkpoint should not hide the other rows
                 note = f"not built: {str(exc).splitlines()[0][:80]}"
         rows.append(
@@ -32,21 +34,40 @@ def encoders_task(cfg: Any) -> list[dict[str, Any]]:
                 "family": card.family,
                 "dim": dim,
                 "grid": list(grid) if grid else None,
+                "tokens": grid[0] * grid[1] if grid else None,
+                "params": params,
                 "source": card.source,
                 "note": note,
             }
         )
+    if cfg.encoders.get("format", "table") == "markdown":
+        print(encoders_markdown(rows))
+        return rows
     table = Table(title=f"vrlab encoders matching '{cfg.encoders.filter}' ({len(rows)} of {len(registry)})")
-    for col in ("name", "aliases", "family", "dim", "grid", "source") + (
-        ("note",) if cfg.encoders.build else ()
-    ):
+    build_cols = ("params", "note") if cfg.encoders.build else ()
+    for col in ("name", "aliases", "family", "dim", "grid", "tokens", "source", *build_cols):
         table.add_column(col, overflow="fold")
     for r in rows:
         grid = f"{r['grid'][0]}x{r['grid'][1]}" if r["grid"] else "?"
-        cells = [r["name"], ", ".join(r["aliases"]), r["family"], str(r["dim"] or "?"), grid, r["source"]]
-        table.add_row(*cells, *([r["note"]] if cfg.encoders.build else []))
+        cells = [r["name"], ", ".join(r["aliases"]), r["family"], str(r["dim"] or "?"), grid]
+        cells += [str(r["tokens"] or "?"), r["source"]]
+        if cfg.encoders.build:
+            cells += [f"{r['params'] / 1e6:.1f}M" if r["params"] else "?", r["note"]]
+        table.add_row(*cells)
     Console(width=200).print(table)
     return rows
+
+
+def encoders_markdown(rows: list[dict[str, Any]]) -> str:
+    """The README's table of encoders, one row per card, ordered by family then name."""
+    lines = ["| Card | Aliases | Family | Source | Dim | Grid | Tokens |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["name"].lower())):
+        grid = f"{r['grid'][0]}x{r['grid'][1]}" if r["grid"] else "?"
+        lines.append(
+            f"| `{r['name']}` | {', '.join(r['aliases'])} | {r['family']} | `{r['source']}` | "
+            f"{r['dim'] or '?'} | {grid} | {r['tokens'] or '?'} |"
+        )
+    return "\n".join(lines)
 
 
 def benchmarks_task(cfg: Any) -> list[dict[str, Any]]:
