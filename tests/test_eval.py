@@ -330,6 +330,24 @@ def test_law_table_from_eval_results_refuses_mixed_settings(tmp_path):
     assert kept.set_index("representation")["synth_vqa"]["enc-a"] == 0.125
 
 
+def test_law_table_marks_tuned_towers_and_the_fit_warns(tmp_path, caplog):
+    """A model whose tower stage 2 trained is its own row, marked; the AC law is stated for frozen towers."""
+    from vrlab.scores.law import TUNED_COLUMN, benchmarks_of, collect_table, fit_law
+
+    files = [_eval_json(tmp_path / f"{i}/eval.json", f"enc-{i}", 0.1 * i) for i in range(8)]
+    tuned = json.loads(files[0].read_text()) | {"representation": "enc-0+tuned", "tuned_tower": {"lora_r": 0}}
+    files[0].write_text(json.dumps(tuned))
+    table = collect_table([], [], None, eval_files=files)
+    marks = table.set_index("representation")[TUNED_COLUMN].to_dict()
+    assert marks["enc-0+tuned"] == 1 and sum(marks.values()) == 1
+    assert benchmarks_of(table) == ["synth_vqa"]  # the mark is not a benchmark
+    table["C"] = np.linspace(0, 1, 8)
+    table["A"] = np.linspace(1, 0, 8) ** 2
+    with caplog.at_level("WARNING"):
+        fit_law(table)
+    assert "enc-0+tuned" in caplog.text and "frozen towers" in caplog.text
+
+
 @pytest.mark.parametrize(
     "encoder,adapter,llm_kind",
     [

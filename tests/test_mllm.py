@@ -481,3 +481,113 @@ def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_ro
         )
     )
     assert len(out["answers"]) == 2
+    # train.tune_encoder from the command line: the tower's last used block trains, the model says so
+    tuned = run_task(
+        compose_cfg(
+            "task=train",
+            "stage=2",
+            "train.data=synth-conversations",
+            f"train.init_from={s1['saved']}",
+            "train.tune_encoder=true",
+            "train.encoder_tuning.last_blocks=1",
+            "+train.stage2.max_steps=2",
+            *common,
+        )
+    )
+    assert tuned["saved"] != s2["saved"]  # its own run folder, not the frozen run's
+    record = json.loads(Path(tuned["saved"], "vlm_config.json").read_text())["tuned_encoder"]
+    assert record["last_blocks"] == 1 and record["learning_rate"] == 2e-6
+
+
+# --- a vision tower trained in stage 2 ---------------------------------------------------------------------
+def _tower(model):
+    return {k: v.clone() for k, v in model.encoder.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("mode", "tune"),
+    [
+        ("frozen", None),
+        ("whole", {"learning_rate": 1e-3}),
+        ("last_block", {"learning_rate": 1e-3, "last_blocks": 1}),
+        ("lora", {"learning_rate": 1e-3, "lora_r": 4}),
+        ("rate_zero", {"learning_rate": 0.0}),
+    ],
+)
+def test_stage2_tunes_the_tower_as_asked_and_reloads_it(dirs, llm_dir, llava, tmp_path, mode, tune):
+    from vrlab.mllm.tower import merged_state
+
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"})
+    before = _tower(model)
+    dataset = ConversationDataset(LlavaJsonLoader(llava, "conversations.json"), model)
+    adapter_before = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    train(model, dataset, tmp_path, 2, stage_args(max_steps=3, learning_rate=1e-3), tune=tune)
+    after = merged_state(model.encoder)
+    assert set(after) == set(before)  # LoRA merged back under the tower's own names
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # the card reads hidden state -2: the last of the tiny CLIP's 3 layers feeds nothing, layer 1 is the last used
+    assert not any(".encoder.layers.2." in k for k in changed)
+    if mode in ("frozen", "rate_zero"):  # rate 0: the tower's own rate applies, not the LLM's
+        assert not changed
+    elif mode == "last_block":
+        assert changed and all(".encoder.layers.1." in k for k in changed)
+        assert not any("embeddings" in k for k in changed)
+    else:
+        assert any(".encoder.layers.1." in k for k in changed)
+        # the whole tower trains its embeddings too; LoRA adapts linear layers only
+        assert any("embeddings" in k for k in changed) == (mode == "whole")
+    assert any(not torch.equal(adapter_before[k], v) for k, v in model.adapter.state_dict().items())
+    saved = model.save_pretrained(tmp_path / "model")
+    config = json.loads((saved / "vlm_config.json").read_text())
+    adapter_config = json.loads((saved / "adapter" / "adapter_config.json").read_text())
+    if tune is None:
+        assert "tuned_encoder" not in config and not (saved / "encoder").exists()
+        return
+    assert config["tuned_encoder"]["lora_r"] == (4 if mode == "lora" else 0)
+    assert adapter_config["tuned_encoder"] == "../encoder/encoder.safetensors"
+    reloaded = VisionLanguageModel.from_pretrained(saved)
+    for k, v in reloaded.encoder.state_dict().items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_extraction_with_a_tuned_models_adapter_runs_its_tuned_tower(
+    dirs, llm_dir, llava, tmp_path, compose_cfg, data_root
+):
+    """A on a tuned model is A of its tuned tower: its adapter brings the tower along, into a new store."""
+    from vrlab.data.images import decode_image
+    from vrlab.extract import run_extraction
+    from vrlab.tasks.config import extraction_request
+
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"})
+    dataset = ConversationDataset(LlavaJsonLoader(llava, "conversations.json"), model)
+    train(model, dataset, tmp_path, 2, stage_args(max_steps=3), tune={"learning_rate": 1e-2})
+    saved = model.save_pretrained(tmp_path / "model")
+    cfg = compose_cfg(f"registry.encoder_dirs={dirs}", f"paths.data={data_root}", "extract.num_workers=0")
+    store = run_extraction(
+        extraction_request(cfg, "tiny/clip", "synth-voc-test", limit=2, adapter=str(saved / "adapter"))
+    )
+    assert store.manifest["settings"]["tuned_tower"]
+    reloaded = VisionLanguageModel.from_pretrained(saved)
+    item = store.ids[0]
+    from vrlab.data.benchmarks import load_benchmark
+
+    bench = load_benchmark("synth-voc-test", data_root, {"encoder_dirs": dirs})
+    image = decode_image(next(it.path for it in bench.items if it.id == item))
+    with torch.no_grad():
+        expected = reloaded.adapter(reloaded.encoder.encode_images([image], dtype="float32").tokens)[0]
+        frozen = make(dirs, llm_dir, {"type": "mlp2x_gelu"}).encoder.encode_images([image]).tokens[0]
+    torch.testing.assert_close(store.tokens(item).float(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(reloaded.encoder.encode_images([image]).tokens[0], frozen)
+
+
+def test_tuning_a_diffusion_tower_or_past_its_blocks_is_refused(dirs, llm_dir):
+    from vrlab.mllm.tower import tune_tower
+
+    with pytest.raises(VrlabError, match="last_blocks=9, but 'tiny/clip' has 2 blocks up to the layer"):
+        tune_tower(make(dirs, llm_dir, {"type": "mlp2x_gelu"}).encoder, {"last_blocks": 9})
+    with pytest.raises(VrlabError, match="diffusion features are not trained"):
+        tune_tower(make(dirs, llm_dir, {"type": "mlp2x_gelu"}, encoder="tiny/sd").encoder, {})
+    with pytest.raises(VrlabError, match="stage-2 setting"):
+        from vrlab.mllm.train import set_trainable
+
+        set_trainable(make(dirs, llm_dir, {"type": "mlp2x_gelu"}), 1, tune={})

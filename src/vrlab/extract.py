@@ -231,6 +231,7 @@ class ExtractionRequest:
     encoder: str
     benchmark: str
     adapter: str | None = None
+    encoder_weights: str | None = None  # a tuned tower (model folder or file); an adapter may name its own
     limit: int | None = None
     encoder_args: Mapping[str, Any] = field(default_factory=dict)
     compose: Mapping[str, Any] = field(default_factory=dict)
@@ -273,6 +274,7 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
     from vrlab.checkpoint import file_digest
     from vrlab.data.benchmarks import load_benchmark
     from vrlab.encoders.factory import load_encoder
+    from vrlab.mllm.tower import load_tower
 
     r = request
     rank, world = distributed_context() if distributed else (0, 1)
@@ -287,14 +289,20 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
         .eval()
     )
     adapter, adapter_info = None, None
+    tower = r.encoder_weights
     if r.adapter:
         adapter, acfg = load_token_adapter(r.adapter, expect_in_dim=encoder.dim, encoder=encoder.name)
         adapter = adapter.to(device)
         if acfg.get("encoder") and acfg["encoder"] != encoder.name:
             log.warning("adapter %s was trained on '%s', not '%s'", r.adapter, acfg["encoder"], encoder.name)
         adapter_info = {"config": acfg, "weights": file_digest(r.adapter)}
+        if acfg.get("tuned_encoder") and not tower:  # trained with its tower: the tower comes along
+            tower = str(Path(r.adapter) / acfg["tuned_encoder"])
+    tuned = load_tower(encoder, tower) if tower else None
     items = benchmark.items[: r.limit] if r.limit else benchmark.items
     settings = extraction_settings(encoder, benchmark, items, device, r.dtype, adapter_info, r.seed)
+    if tuned:  # only then, so the stores of frozen towers keep their keys
+        settings["tuned_tower"] = tuned
     key = store_key(settings, [it.id for it in items], r.shard_size, r.store_dtype)
     default = Path(r.outputs) / "stores" / slug(benchmark.card.name) / f"{slug(encoder.name)}-{key[:12]}"
     path = Path(r.out or default)

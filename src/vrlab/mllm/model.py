@@ -1,4 +1,4 @@
-"""VisionLanguageModel: a registry encoder (frozen by default), an adapter and any Hugging Face LLM.
+"""VisionLanguageModel: a registry encoder (frozen unless stage 2 tunes it), an adapter and any Hugging Face LLM.
 
 Each `<image>` placeholder is expanded to the adapter's number of vision tokens when a batch is collated;
 `embed` replaces those positions of the LLM's input embeddings with the adapter's outputs, so the LLM's own
@@ -7,8 +7,9 @@ Each `<image>` placeholder is expanded to the adapter's number of vision tokens 
 the BLIP-2 variant) get them in the encoder input, with the answers as decoder labels.
 
 `save_pretrained(path)` writes everything needed to rebuild the model with `VisionLanguageModel.from_pretrained`:
-the LLM and tokenizer (`llm/`), the adapter (`adapter/`, the stage-1 format), and `vlm_config.json` with the
-encoder's full card, so the encoder is rebuilt from the same source and settings.
+the LLM and tokenizer (`llm/`), the adapter (`adapter/`, the stage-1 format), `vlm_config.json` with the
+encoder's full card, so the encoder is rebuilt from the same source and settings, and, where stage 2 tuned
+the tower, its trained state (`encoder/`, see `vrlab.mllm.tower`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vrlab.data.images import pad_to_square
 from vrlab.encoders.factory import encoder_from_dict, load_encoder
 from vrlab.errors import ShapeError, VrlabError
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN
+from vrlab.mllm.tower import TOWER_FILE, load_tower, save_tower
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +285,12 @@ class VisionLanguageModel(nn.Module):
             llm = copy.deepcopy(llm).merge_and_unload()
         llm.save_pretrained(path / "llm")
         self.tokenizer.save_pretrained(path / "llm")
-        save_adapter(self.adapter, path / "adapter", self.config_dict["adapter"])
+        adapter_cfg = dict(self.config_dict["adapter"])
+        if self.config_dict.get("tuned_encoder"):
+            # the tower the adapter was trained on: extraction (and so A) with this adapter runs it
+            save_tower(self.encoder, path)
+            adapter_cfg["tuned_encoder"] = f"../{TOWER_FILE}"
+        save_adapter(self.adapter, path / "adapter", adapter_cfg)
         (path / VLM_CONFIG).write_text(json.dumps({**self.config_dict, "llm": "llm"}, indent=2, default=str))
         return path
 
@@ -298,6 +305,8 @@ class VisionLanguageModel(nn.Module):
             )
         config = json.loads((path / VLM_CONFIG).read_text())
         encoder = encoder_from_dict(_local_sources(config["encoder"], path), config.get("compose") or None)
+        if config.get("tuned_encoder"):
+            load_tower(encoder, path / config["tuned_encoder"]["weights"])
         llm, tokenizer = load_llm(str(path / "llm"), config.get("trust_remote_code", False))
         adapter, _ = load_adapter(path / "adapter", expect_in_dim=encoder.dim, encoder=encoder.name)
         guide_model = guide_tokenizer = None

@@ -2,7 +2,8 @@
 
 Stage 1 trains the adapter alone (encoder and LLM frozen) and saves it in the stage-1 format, which
 `extract.adapter=` loads for the A score. Stage 2 trains the adapter and the LLM, in full or with LoRA
-(`peft`), optionally starting from a stage-1 adapter, and saves a model `VisionLanguageModel.from_pretrained`
+(`peft`), optionally starting from a stage-1 adapter, and optionally the vision tower too with its own
+learning rate (`tune`, see `vrlab.mllm.tower`), and saves a model `VisionLanguageModel.from_pretrained`
 rebuilds. bf16, gradient checkpointing and resuming come from the Trainer; `conf/accelerate/` holds DDP,
 FSDP and DeepSpeed configs for `accelerate launch -m vrlab.cli task=train ...`.
 """
@@ -23,15 +24,28 @@ from vrlab.errors import VrlabError
 from vrlab.mllm.data import Collator, ConversationDataset
 from vrlab.mllm.inference import generate_answers
 from vrlab.mllm.model import VisionLanguageModel
+from vrlab.mllm.tower import tune_tower
 from vrlab.runtime import training_arguments
 
 log = logging.getLogger(__name__)
 
 
-def set_trainable(model: VisionLanguageModel, stage: int, lora: Mapping[str, Any] | None = None) -> list[str]:
-    """Freeze per stage; returns the names of the trainable parameters."""
+def set_trainable(
+    model: VisionLanguageModel,
+    stage: int,
+    lora: Mapping[str, Any] | None = None,
+    tune: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Freeze per stage; with `tune` (stage 2), the tower trains too. Returns the trainable parameters' names."""
     model.requires_grad_(False)
     model.adapter.requires_grad_(True)
+    if tune is not None:
+        if stage != 2:
+            raise VrlabError(
+                "train.tune_encoder=true is a stage-2 setting (stage 1 trains the adapter alone)"
+            )
+        model.config_dict["tuned_encoder"] = tune_tower(model.encoder, tune)
+        model.freeze_encoder = model.config_dict["freeze_encoder"] = False
     if stage == 2:
         if lora and lora.get("r"):
             from peft import LoraConfig, get_peft_model
@@ -69,6 +83,31 @@ class ThroughputLog(TrainerCallback):
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
+class TowerTrainer(Trainer):
+    """The Trainer with the tower's parameters in their own group at their own learning rate."""
+
+    def __init__(self, *args: Any, tower_lr: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tower_lr = tower_lr
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        if self.tower_lr is None or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        tower = {id(p) for p in self.model.encoder.parameters()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) not in tower], "weight_decay": self.args.weight_decay},
+            {
+                "params": [p for p in trainable if id(p) in tower],
+                "weight_decay": self.args.weight_decay,
+                "lr": self.tower_lr,
+            },
+        ]
+        cls, kw = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = cls(groups, **kw)
+        return self.optimizer
+
+
 class CountingCollator(Collator):
     def __init__(self, model: VisionLanguageModel, meter: ThroughputLog) -> None:
         super().__init__(model, "right")
@@ -88,10 +127,11 @@ def train(
     args: Mapping[str, Any],
     resume: str | bool | None = None,
     lora: Mapping[str, Any] | None = None,
+    tune: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one stage; returns losses, throughput and where the result was saved."""
     out_dir = Path(out_dir)
-    trainable = set_trainable(model, stage, lora)
+    trainable = set_trainable(model, stage, lora, tune)
     log.info(
         "stage %d: %d trainable tensors (%.2f M parameters)",
         stage,
@@ -100,12 +140,14 @@ def train(
     )
     meter = ThroughputLog()
     targs = training_arguments(out_dir, args)
-    trainer = Trainer(
+    tuned = model.config_dict.get("tuned_encoder") if tune is not None else None
+    trainer = TowerTrainer(
         model=model,
         args=targs,
         train_dataset=dataset,
         data_collator=CountingCollator(model, meter),
         callbacks=[meter],
+        tower_lr=tuned["learning_rate"] if tuned else None,
     )
     result = trainer.train(resume_from_checkpoint=resume or None)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]

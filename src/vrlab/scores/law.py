@@ -31,9 +31,14 @@ FEATURE_SETS = {"AC": ("A", "C"), "A": ("A",), "C": ("C",)}
 
 
 # --- the table -------------------------------------------------------------------------------------
+# 1 where stage 2 trained the representation's tower: the Law paper states the AC law for frozen towers
+TUNED_COLUMN = "tuned_tower"
+
+
 def benchmarks_of(table: pd.DataFrame) -> list[str]:
-    """Score columns: everything but representation, C, A and A_<benchmark>."""
-    return [c for c in table.columns if c not in ("representation", "C", "A") and not c.startswith("A_")]
+    """Score columns: everything but representation, C, A, A_<benchmark> and the tuned-tower mark."""
+    meta = ("representation", "C", "A", TUNED_COLUMN)
+    return [c for c in table.columns if c not in meta and not c.startswith("A_")]
 
 
 def a_column(table: pd.DataFrame, benchmark: str) -> str:
@@ -190,6 +195,12 @@ def fit_law(
 ) -> dict[str, Any]:
     """Fit every benchmark; means over all and over `summary_benchmarks` (the paper's headline uses 4 of 8)."""
     benchmarks = list(benchmarks or benchmarks_of(table))
+    if TUNED_COLUMN in table.columns and table[TUNED_COLUMN].fillna(0).astype(bool).any():
+        log.warning(
+            "the law table holds representations whose tower stage 2 trained (%s); the AC law is stated for "
+            "frozen towers, so their fit is an extrapolation",
+            table["representation"][table[TUNED_COLUMN].fillna(0).astype(bool)].tolist(),
+        )
     missing = [b for b in benchmarks if b not in table.columns]
     if missing:
         raise VrlabError(f"law table lacks benchmark columns {missing} (has {benchmarks_of(table)})")
@@ -253,6 +264,7 @@ def collect_table(
     rows: dict[str, dict[str, Any]] = {}
     source: dict[tuple[str, str], Path] = {}
     settings: dict[str, tuple[Any, Path]] = {}
+    tuned: set[str] = set()
 
     def put(name: str, column: str, value: Any, path: Path) -> None:
         if (name, column) in source:
@@ -275,6 +287,8 @@ def collect_table(
             continue
         _same("C", "C", settings, rec["settings"]["protocol"], Path(path))
         put(rec["representation"], "C", rec["C"], Path(path))
+        if rec.get("tuned_tower"):
+            tuned.add(rec["representation"])
     for path in alignment_files:
         rec = json.loads(Path(path).read_text())
         for bench, value in rec["A"].items():
@@ -286,8 +300,12 @@ def collect_table(
             )
             _same("A", f"A_{bench_column(bench)}", settings, used, Path(path))
             put(rec["representation"], f"A_{bench_column(bench)}", value, Path(path))
+        if rec.get("tuned_tower"):
+            tuned.add(rec["representation"])
     for path in eval_files:
         rec = json.loads(Path(path).read_text())
+        if rec.get("tuned_tower"):
+            tuned.add(rec["representation"])
         for task in rec.get("tasks", {}).values():
             for name, r in task["results"].items():
                 if not isinstance(r.get("score"), int | float):
@@ -315,4 +333,6 @@ def collect_table(
                     put(r["representation"], str(k), v, Path("law.scores"))
     if not rows:
         raise VrlabError("no alignment, correspondence, eval or score results found to build a law table")
-    return pd.DataFrame([{"representation": k, **v} for k, v in sorted(rows.items())])
+    return pd.DataFrame(
+        [{"representation": k, **v, TUNED_COLUMN: int(k in tuned)} for k, v in sorted(rows.items())]
+    )

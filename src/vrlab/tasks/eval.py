@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vrlab.checkpoint import VLM_CONFIG, folder_digest
+from vrlab.mllm.tower import representation as representation_name
 from vrlab.runtime import run_dir, to_plain
 from vrlab.tasks.config import model_checkpoint
 
@@ -43,7 +44,8 @@ def eval_task(cfg: Any) -> dict[str, Any]:
     ecfg = cfg.eval
     tasks = [str(t) for t in to_plain(ecfg.tasks) or []]
     config = json.loads((checkpoint / VLM_CONFIG).read_text())
-    representation = ecfg.label or config["encoder"]["name"]
+    tuned = config.get("tuned_encoder")
+    representation = representation_name(ecfg.label, config["encoder"]["name"], tuned)
     digest = folder_digest(checkpoint)
     gen_kwargs = ecfg.gen_kwargs or None
     out = Path(
@@ -58,6 +60,7 @@ def eval_task(cfg: Any) -> dict[str, Any]:
     header = {
         "representation": representation,
         "encoder": config["encoder"]["name"],
+        "tuned_tower": tuned,
         "checkpoint": str(checkpoint),
         "checkpoint_digest": digest,
         "batch_size": ecfg.batch_size,

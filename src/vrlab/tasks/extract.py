@@ -20,7 +20,12 @@ def extract_task(cfg: Any) -> dict[str, Any]:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         request = extraction_request(
-            cfg, cfg.encoder, cfg.benchmark, adapter=cfg.extract.adapter, limit=cfg.extract.limit
+            cfg,
+            cfg.encoder,
+            cfg.benchmark,
+            adapter=cfg.extract.adapter,
+            limit=cfg.extract.limit,
+            encoder_weights=cfg.get("encoder_weights"),
         )
         store = run_extraction(request, distributed=True)
     finally:

@@ -15,6 +15,7 @@ from vrlab.data.images import decode_image
 from vrlab.encoders.factory import load_encoder
 from vrlab.errors import VrlabError
 from vrlab.extract import run_extraction
+from vrlab.mllm.tower import load_tower, representation
 from vrlab.registry import Registry
 from vrlab.runtime import atomic_write_json, config_hash, resolve_device, run_dir, seed_everything, to_plain
 from vrlab.scores.alignment import alignment
@@ -38,14 +39,21 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
             "no alignment.adapter: A is computed on raw encoder tokens, not on projected tokens as in the "
             "paper; widths must then match the references' raw widths"
         )
-    results, store_keys = {}, {}
+    results, store_keys, tuned = {}, {}, None
     for bench in benchmarks:
         bench_args = {**to_plain(cfg.benchmark_args), **to_plain(acfg.get("benchmark_args") or {})}
         cand = run_extraction(
             extraction_request(
-                cfg, cfg.encoder, bench, adapter=acfg.adapter, limit=acfg.n_images, benchmark_args=bench_args
+                cfg,
+                cfg.encoder,
+                bench,
+                adapter=acfg.adapter,
+                limit=acfg.n_images,
+                benchmark_args=bench_args,
+                encoder_weights=cfg.get("encoder_weights"),  # the candidate's; references keep their own
             )
         )
+        tuned = cand.manifest["settings"].get("tuned_tower") or tuned
         refs = {
             r["name"]: run_extraction(
                 extraction_request(
@@ -85,8 +93,9 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
         },
     )
     summary = {
-        "representation": acfg.label or cfg.encoder,
+        "representation": representation(acfg.label, cfg.encoder, tuned),
         "encoder": cfg.encoder,
+        "tuned_tower": tuned,
         "A": {b: r["A"] for b, r in results.items()},
         "results": results,
     }
@@ -111,8 +120,16 @@ def correspondence_task(cfg: Any) -> dict[str, Any]:
         )
     pairs = benchmark.pairs[: ccfg.get("max_pairs") or None]
     store = run_extraction(
-        extraction_request(cfg, cfg.encoder, cfg.benchmark, encoder_args=encoder_args, compose=compose)
+        extraction_request(
+            cfg,
+            cfg.encoder,
+            cfg.benchmark,
+            encoder_args=encoder_args,
+            compose=compose,
+            encoder_weights=cfg.get("encoder_weights"),
+        )
     )
+    tuned = store.manifest["settings"].get("tuned_tower")
     items = {it.id: it for it in benchmark.items}
     encoder, flipped_cache = None, {}
 
@@ -121,6 +138,8 @@ def correspondence_task(cfg: Any) -> dict[str, Any]:
         if item_id not in flipped_cache:
             if encoder is None:
                 encoder = load_encoder(cfg.encoder, encoder_args, compose, registry=registry_cfg(cfg))
+                if cfg.get("encoder_weights"):
+                    load_tower(encoder, cfg.encoder_weights)
                 encoder = encoder.to(resolve_device(cfg.device))
             image = decode_image(items[item_id].path).flip(-1)
             flipped_cache[item_id] = encoder.encode_images([image], cfg.dtype).tokens[0].float().cpu()
@@ -141,8 +160,9 @@ def correspondence_task(cfg: Any) -> dict[str, Any]:
         },
     )
     record = {
-        "representation": ccfg.get("label") or cfg.encoder,
+        "representation": representation(ccfg.get("label"), cfg.encoder, tuned),
         "encoder": cfg.encoder,
+        "tuned_tower": tuned,
         "benchmark": benchmark.card.name,
         "C": result.pop("C"),
         "settings": result.pop("settings"),

@@ -45,6 +45,13 @@ def _model_from_cfg(cfg: Any) -> VisionLanguageModel:
     return model
 
 
+def _tune(cfg: Any) -> dict[str, Any] | None:
+    """`train.encoder_tuning` when `train.tune_encoder` is on, else None."""
+    if not cfg.train.get("tune_encoder"):
+        return None
+    return dict(to_plain(cfg.train.encoder_tuning))
+
+
 def _inputs_fingerprint(cfg: Any, data: Any) -> str:
     """What a training run read: its settings, the encoder card's files, the LLM folder, the stage-1 adapter
     and the data card's files (sizes and modification times, nothing is read), so `train.skip_done` never
@@ -67,6 +74,7 @@ def _inputs_fingerprint(cfg: Any, data: Any) -> str:
             ],
             "args": to_plain(cfg.train[f"stage{cfg.stage}"]),
             "lora": to_plain(cfg.train.lora),
+            **({"tune": _tune(cfg)} if _tune(cfg) else {}),
             "init_from": cfg.train.init_from,
             "seed": cfg.seed,
         }
@@ -106,6 +114,7 @@ def train_task(cfg: Any) -> dict[str, Any]:
                 "data": cfg.train.data,
                 "args": stage_args,
                 "lora": to_plain(cfg.train.lora),
+                **({"tune": _tune(cfg)} if _tune(cfg) else {}),  # frozen runs keep their folders
             },
         )
     )
@@ -117,6 +126,7 @@ def train_task(cfg: Any) -> dict[str, Any]:
         stage_args,
         resume=cfg.train.resume,
         lora=to_plain(cfg.train.lora) if cfg.stage == 2 else None,
+        tune=_tune(cfg),
     )
     result["inputs"] = inputs
     atomic_write_json(out / "train_result.json", result)
