@@ -103,3 +103,31 @@ def compose_cfg(tmp_path: Path):
             return compose("config", overrides=[f"paths.outputs={tmp_path / 'outputs'}", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def logit_gap(photo_files):
+    """The largest logit difference between a vrlab model and a Hugging Face Llava on the same two photos and
+    prompts (both given vrlab's spliced batch), after checking both give logits of one shape."""
+    from vrlab.mllm.data import generation_batch
+
+    def gap(ours, hf) -> float:
+        images = [decode_photo(p) for p in photo_files[:2]]
+        batch = generation_batch(ours, images, ["What is in the image?", "Describe it."])
+        with torch.no_grad():
+            a = ours(**batch).logits
+            b = hf(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+            ).logits
+        assert a.shape == b.shape
+        return (a - b).abs().max().item()
+
+    return gap
+
+
+def decode_photo(path: Path) -> torch.Tensor:
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(Image.open(path).convert("RGB"))

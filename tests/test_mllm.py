@@ -591,3 +591,19 @@ def test_tuning_a_diffusion_tower_or_past_its_blocks_is_refused(dirs, llm_dir):
         from vrlab.mllm.train import set_trainable
 
         set_trainable(make(dirs, llm_dir, {"type": "mlp2x_gelu"}), 1, tune={})
+
+
+def test_images_follow_the_aspect_policy_the_model_was_trained_with(dirs, llm_dir, photo_files):
+    """Every path (training data, generation, scoring, probes) asks `image_input` without a policy and gets
+    the model's own; an explicit policy still wins."""
+    from vrlab.data.images import decode_image
+
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"})
+    image = decode_image(photo_files[0])  # not square: pad and resize differ
+    assert image.shape[1] != image.shape[2]
+    pad, resize = model.image_input(image, "pad"), model.image_input(image, "resize")
+    assert not torch.equal(pad, resize)
+    assert torch.equal(model.image_input(image), pad)  # nothing recorded: LLaVA-1.5's pad
+    model.config_dict["image_aspect_ratio"] = "resize"
+    assert torch.equal(model.image_input(image), resize)
+    assert torch.equal(model.image_input(image, "pad"), pad)

@@ -409,7 +409,13 @@ def test_alignment_and_law_tasks_end_to_end(compose_cfg, tiny_root, data_root, t
     table = run_task(
         compose_cfg("task=law_table", f"law.scores={tmp_path / 'scores.csv'}", "law.protocol=law")
     )
-    assert table["rows"] == 9 and table["columns"] == ["representation", "C", "A_bench", "bench"]
+    assert table["rows"] == 9 and table["columns"] == [
+        "representation",
+        "C",
+        "A_bench",
+        "bench",
+        "tuned_tower",
+    ]
     fit = run_task(compose_cfg("task=law_fit"))
     folder = Path(fit["output"]).parent
     assert {p.name for p in folder.iterdir()} >= {

@@ -3,7 +3,8 @@
 - An adapter (stage-1 checkpoint) is a folder with `adapter_config.json` (`type`, `in_dim`, `out_dim`, the
   adapter's options, the encoder card name, the LLM) and `adapter.safetensors`.
 - A vision-language model (stage 2) is a folder with `vlm_config.json` (the encoder's full card, the adapter
-  config, the template), `adapter/` in the format above and `llm/` (the LLM's own `save_pretrained`).
+  config, the template), `adapter/` in the format above and `llm/` (the LLM's own `save_pretrained`); where
+  stage 2 trained the tower, also `encoder/encoder.safetensors`, the encoder module's state.
 
 Weights are safetensors only, so loading a checkpoint never unpickles anything.
 """
@@ -24,6 +25,7 @@ from vrlab.runtime import atomic_write_bytes
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
 VLM_CONFIG = "vlm_config.json"
+TOWER_FILE = "encoder/encoder.safetensors"  # a tower trained in stage 2 (see vrlab.mllm.tower)
 
 
 def save_adapter(module: torch.nn.Module, folder: str | Path, config: Mapping[str, Any]) -> Path:
@@ -71,3 +73,28 @@ def folder_digest(folder: str | Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def tower_file(path: str | Path) -> Path:
+    """The tuned-tower file of a model folder, or the file itself."""
+    path = Path(path)
+    file = path / TOWER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise VrlabError(
+            f"no tuned tower at {path} (expected {TOWER_FILE} in a stage-2 model trained with "
+            "train.tune_encoder=true)"
+        )
+    return file
+
+
+def load_tower(encoder: torch.nn.Module, path: str | Path) -> str:
+    """Load a tuned tower's state into a freshly built encoder, strictly; returns the file's digest."""
+    file = tower_file(path)
+    state = load_file(str(file))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VrlabError(
+            f"the tuned tower {file} does not fit encoder '{getattr(encoder, 'name', '?')}': missing "
+            f"{sorted(missing)[:3]} ({len(missing)}), unexpected {sorted(unexpected)[:3]} ({len(unexpected)})"
+        )
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]

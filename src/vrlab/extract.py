@@ -271,10 +271,9 @@ class ExtractionRequest:
 def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> EmbeddingStore | None:
     """Extract (or reuse) the store of `request.encoder` on `request.benchmark`; None on ranks other than 0."""
     from vrlab.adapters import load_token_adapter
-    from vrlab.checkpoint import file_digest
+    from vrlab.checkpoint import file_digest, load_tower
     from vrlab.data.benchmarks import load_benchmark
     from vrlab.encoders.factory import load_encoder
-    from vrlab.mllm.tower import load_tower
 
     r = request
     rank, world = distributed_context() if distributed else (0, 1)

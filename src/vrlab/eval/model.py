@@ -50,7 +50,7 @@ class VrlabLMM(lmms):
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         device: str | None = None,
-        image_aspect_ratio: str = "pad",
+        image_aspect_ratio: str | None = None,
         max_new_tokens: int = 32,
         **kwargs: Any,
     ) -> None:

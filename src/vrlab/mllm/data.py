@@ -25,7 +25,7 @@ class ConversationDataset(Dataset):
     """Samples of a LlavaJsonLoader, tokenised for `model` (a VisionLanguageModel)."""
 
     def __init__(
-        self, loader: Any, model: Any, image_aspect_ratio: str = "pad", generation: bool = False
+        self, loader: Any, model: Any, image_aspect_ratio: str | None = None, generation: bool = False
     ) -> None:
         self.samples, self.model, self.generation = loader.samples, model, generation
         self.root, self.image_folder = loader.root, getattr(loader, "image_folder", "images")
@@ -110,7 +110,7 @@ class Collator:
 
 
 def _item(
-    model: Any, image: torch.Tensor | None, prompt: str, answer: str | None, aspect: str
+    model: Any, image: torch.Tensor | None, prompt: str, answer: str | None, aspect: str | None
 ) -> dict[str, Any]:
     """One sample: the human turn (with `<image>` in front when there is an image) and, to score, its answer."""
     text = f"{IMAGE_TOKEN}\n{prompt}" if image is not None and IMAGE_TOKEN not in prompt else prompt
@@ -134,7 +134,7 @@ def _on_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def generation_batch(
-    model: Any, images: Sequence[torch.Tensor | None], prompts: Sequence[str], aspect: str = "pad"
+    model: Any, images: Sequence[torch.Tensor | None], prompts: Sequence[str], aspect: str | None = None
 ) -> dict[str, Any]:
     """A left-padded batch asking each prompt about its image (None: text only), on the model's device.
 
@@ -153,7 +153,7 @@ def scoring_batch(
     images: Sequence[torch.Tensor | None],
     prompts: Sequence[str],
     answers: Sequence[str],
-    aspect: str = "pad",
+    aspect: str | None = None,
 ) -> dict[str, Any]:
     """A right-padded batch of prompt + answer conversations whose labels mark the answer tokens only (the
     answer and its end-of-turn token, exactly as training labels them), on the model's device."""

@@ -47,7 +47,7 @@ def generate_answers(
     prompts: Sequence[str],
     gen: Mapping[str, Any] | None = None,
     until: Sequence[str] = (),
-    aspect: str = "pad",
+    aspect: str | None = None,
 ) -> list[str]:
     """One answer per (image, prompt), in one left-padded batch; greedy unless `gen` asks to sample."""
     batch = generation_batch(model, images, prompts, aspect)
@@ -62,7 +62,7 @@ def answer_loglikelihoods(
     images: Sequence[torch.Tensor | None],
     prompts: Sequence[str],
     answers: Sequence[str],
-    aspect: str = "pad",
+    aspect: str | None = None,
 ) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of each answer given its prompt and image.
 

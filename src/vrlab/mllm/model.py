@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vrlab.adapters import build_adapter, load_adapter
-from vrlab.checkpoint import VLM_CONFIG, save_adapter
+from vrlab.checkpoint import TOWER_FILE, VLM_CONFIG, load_tower, save_adapter
 from vrlab.data.images import pad_to_square
 from vrlab.encoders.factory import encoder_from_dict, load_encoder
 from vrlab.errors import ShapeError, VrlabError
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN
-from vrlab.mllm.tower import TOWER_FILE, load_tower, save_tower
+from vrlab.mllm.tower import save_tower
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,10 @@ class VisionLanguageModel(nn.Module):
             return int(cfg.get("num_queries", 32))
         return self.encoder.num_tokens + (int(cfg.get("detail_latents", 64)) if cfg.get("detail") else 0)
 
-    def image_input(self, image: torch.Tensor, aspect: str = "pad") -> Any:
-        """Encoder input of one uint8 image: pad-to-square with the mean colour (LLaVA-1.5) or as the card resizes."""
+    def image_input(self, image: torch.Tensor, aspect: str | None = None) -> Any:
+        """Encoder input of one uint8 image: pad-to-square with the mean colour (LLaVA-1.5) or as the card resizes.
+        By default, the policy the model was trained with (`image_aspect_ratio` in its config), else pad."""
+        aspect = aspect or self.config_dict.get("image_aspect_ratio") or "pad"
         if aspect == "pad":
             transform = self.encoder.transform
             first = transform.members[0] if hasattr(transform, "members") else transform

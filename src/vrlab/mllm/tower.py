@@ -14,7 +14,6 @@ names the released weights: the tower is rebuilt from them, then the tuned state
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vrlab.checkpoint import TOWER_FILE
 from vrlab.errors import VrlabError
 
-TOWER_FILE = "encoder/encoder.safetensors"
 TUNED_SUFFIX = "+tuned"  # the representation name of a tuned tower's results
 
 
@@ -133,30 +132,3 @@ def save_tower(encoder: nn.Module, folder: str | Path) -> Path:
     state = {k: v.detach().clone().contiguous() for k, v in merged_state(encoder).items()}
     atomic_write_bytes(path, save(state))
     return path
-
-
-def tower_file(path: str | Path) -> Path:
-    """The tuned-tower file of a model folder, or the file itself."""
-    path = Path(path)
-    file = path / TOWER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise VrlabError(
-            f"no tuned tower at {path} (expected {TOWER_FILE} in a stage-2 model trained with "
-            "train.tune_encoder=true)"
-        )
-    return file
-
-
-def load_tower(encoder: nn.Module, path: str | Path) -> str:
-    """Load a tuned tower's state into a freshly built encoder, strictly; returns the file's digest."""
-    from safetensors.torch import load_file
-
-    file = tower_file(path)
-    state = load_file(str(file))
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise VrlabError(
-            f"the tuned tower {file} does not fit encoder '{getattr(encoder, 'name', '?')}': missing "
-            f"{sorted(missing)[:3]} ({len(missing)}), unexpected {sorted(unexpected)[:3]} ({len(unexpected)})"
-        )
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]

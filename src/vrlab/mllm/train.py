@@ -169,7 +169,7 @@ def generate_batch(
     images: list[torch.Tensor | None],
     prompts: list[str],
     max_new_tokens: int = 32,
-    aspect: str = "pad",
+    aspect: str | None = None,
 ) -> list[str]:
     """Answer one prompt per image (None for text-only), batched with left padding, greedy."""
     return generate_answers(model, images, prompts, {"max_new_tokens": max_new_tokens}, aspect=aspect)

@@ -73,7 +73,6 @@ def eval_task(cfg: Any) -> dict[str, Any]:
             pretrained=str(checkpoint),
             batch_size=ecfg.batch_size,
             device=cfg.device,
-            image_aspect_ratio=config.get("image_aspect_ratio") or cfg.train.image_aspect_ratio,
             max_new_tokens=ecfg.max_new_tokens,
         )
 

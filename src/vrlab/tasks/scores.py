@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from vrlab.checkpoint import load_tower
 from vrlab.data.images import decode_image
 from vrlab.encoders.factory import load_encoder
 from vrlab.errors import VrlabError
 from vrlab.extract import run_extraction
-from vrlab.mllm.tower import load_tower, representation
+from vrlab.mllm.tower import representation
 from vrlab.registry import Registry
 from vrlab.runtime import atomic_write_json, config_hash, resolve_device, run_dir, seed_everything, to_plain
 from vrlab.scores.alignment import alignment

@@ -156,7 +156,6 @@ def generate_task(cfg: Any) -> dict[str, Any]:
         images,
         [cfg.generate.prompt] * len(images),
         cfg.generate.max_new_tokens,
-        model.config_dict.get("image_aspect_ratio") or cfg.train.image_aspect_ratio,
     )
     for p, a in zip(paths, answers, strict=True):
         print(f"{p.name}: {a}")
