@@ -14,6 +14,10 @@ from vrlab.registry import Registry
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the text side of every full checkpoint below: one tiny layer (only the vision tower is under test)
+TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+
+
 def siglip_full(folder, card):
     """A full SigLIP checkpoint (vision + text), as the fixed-resolution SigLIP 2 releases are."""
     from transformers import SiglipConfig, SiglipModel
@@ -27,10 +31,7 @@ def siglip_full(folder, card):
         patch_size=patch,
         image_size=size,
     )
-    text = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(folder)
+    SiglipModel(SiglipConfig(vision_config=vision, text_config=TEXT)).save_pretrained(folder)
 
 
 def dinov2(folder, card):
@@ -55,10 +56,7 @@ def siglip2_naflex(folder, card):
     vision = dict(
         hidden_size=card.dim, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16, patch_size=16
     )
-    text = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    Siglip2Model(Siglip2Config(vision_config=vision, text_config=text)).save_pretrained(folder)
+    Siglip2Model(Siglip2Config(vision_config=vision, text_config=TEXT)).save_pretrained(folder)
 
 
 def dinov3(folder, card):
@@ -108,15 +106,7 @@ def internvl(folder, card):
         image_size=[448, 448],
         patch_size=[14, 14],
     )
-    text = dict(
-        model_type="qwen2",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    text = dict(TEXT, model_type="qwen2", num_key_value_heads=1)
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=1)
     InternVLForConditionalGeneration(config).save_pretrained(folder)
 
@@ -134,15 +124,7 @@ def qwen25vl(folder, card):
         fullatt_block_indexes=[0],
         window_size=112,
     )
-    text = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-    )
+    text = dict(TEXT, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text)
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
 
@@ -193,9 +175,7 @@ def test_card_loads_its_architecture_with_the_declared_shape_and_composes(
     from vrlab.data.images import decode_image
 
     card = Registry.from_config(None).get(name)
-    torch.manual_seed(0)
-    source = CARDS[name](tmp_path / "model", card) or str(tmp_path / "model")
-    encoder = build_card(card.with_overrides({"source": source})).eval()
+    encoder = _built(name, tmp_path)
     assert (encoder.dim, tuple(encoder.grid)) == (card.dim, card.grid)
     with torch.no_grad():
         features = encoder.encode_images([decode_image(p) for p in photo_files[:2]])
