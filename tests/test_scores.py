@@ -1,6 +1,7 @@
 """A score, C score (both protocols) and the AC law / policy, each against an independent computation."""
 
 import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,15 @@ from vrlab.extract import extract
 from vrlab.scores.alignment import alignment, image_alignment
 from vrlab.scores.correspondence import match, pck, protocol_settings, to_frame
 from vrlab.scores.law import fit_law, read_table
-from vrlab.scores.policy import recommend, region_order, simulate_policy, trainings_needed
+from vrlab.scores.policy import (
+    best_in_top_k,
+    first_picks,
+    recall_within_budget,
+    recommend,
+    region_order,
+    simulate_policy,
+    trainings_needed,
+)
 
 
 # --- A ------------------------------------------------------------------------------------------------
@@ -356,6 +365,45 @@ def test_policy_finds_the_best_and_beats_random_on_a_clean_law():
     assert trainings_needed([best], table["A"].to_numpy(), table["C"].to_numpy(), y, k=1) == 1
 
 
+def _hit_by_hand(subset, a, c, y, k):
+    """Fit sklearn's degree-2 pipeline on `subset`, rank all candidates, is the best in the top k?"""
+    if len(subset) == 1:
+        return subset[0] == int(np.argmax(y))
+    x = np.c_[a, c]
+    model = make_pipeline(PolynomialFeatures(2), LinearRegression()).fit(x[list(subset)], y[list(subset)])
+    return int(np.argmax(y)) in np.argsort(-model.predict(x), kind="stable")[:k]
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 4])
+def test_recall_within_budget_equals_an_exact_enumeration(budget):
+    # One candidate per level-1 quadrant: the first `budget` trainings are a uniform random subset of that size.
+    a = np.array([0.0, 1.0, 0.1, 0.8])
+    c = np.array([0.1, 0.0, 1.0, 0.9])
+    y = np.array([3.0, 1.0, 2.0, 5.0])
+    subsets = list(itertools.combinations(range(4), budget))
+    expected = np.mean([_hit_by_hand(s, a, c, y, 1) for s in subsets])
+    result = recall_within_budget(a, c, y, k=1, budget=budget, normalise=False)
+    assert result["AC"] == pytest.approx(expected, abs=1e-12) and result["random"] == budget / 4
+    assert result["subsets"] == len(subsets)
+    if budget in (2, 3):
+        assert 0 < expected < 1  # the case is not trivial
+
+
+def test_recall_within_budget_matches_region_sampling_runs():
+    table, y = synthetic_table(n=11, noise=0.5, seed=5)
+    a, c = (table[col].to_numpy() for col in ("A", "C"))
+    an, cn, yn = (np.asarray((v - v.min()) / (v.max() - v.min())) for v in (a, c, y))
+    picks = first_picks(an, cn, 4)
+    assert sum(picks.values()) == 1  # exact fractions
+    exact = recall_within_budget(a, c, y, k=3, budget=4)["AC"]
+    rng = np.random.default_rng(0)
+    runs = [best_in_top_k(region_order(an, cn, rng)[:4], an, cn, yn, 3) for _ in range(3000)]
+    assert abs(np.mean(runs) - exact) < 4 * math.sqrt(exact * (1 - exact) / len(runs)) + 1e-9
+    assert 0 < exact < 1
+    with pytest.raises(VrlabError, match="law.budget=12"):
+        recall_within_budget(a, c, y, budget=12)
+
+
 def test_recommender_ranks_untrained_candidates_by_prediction():
     table, y = synthetic_table(n=14, seed=4)
     table.loc[[2, 5, 9], "bench"] = np.nan
@@ -427,6 +475,9 @@ def test_alignment_and_law_tasks_end_to_end(compose_cfg, tiny_root, data_root, t
     assert fit["benchmarks"]["bench"]["n"] == 8  # r8 has no score: left out of the fit
     policy = run_task(compose_cfg("task=law_policy", "law.trials=20"))
     assert len(policy["results"]["bench"]["trainings_AC"]) == 20 and Path(policy["output"]).exists()
+    recall = policy["recall_within_budget"]
+    assert recall["budget"] == 4 and recall["random"] == pytest.approx(4 / 8)
+    assert recall["AC"] == policy["results"]["bench"]["recall_within_budget"]["AC"]
     ranked = run_task(compose_cfg("task=law_recommend", "law.bootstrap=50"))
     assert [r["representation"] for r in ranked["bench"]] == ["r8"]
 

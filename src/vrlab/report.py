@@ -125,6 +125,9 @@ def plot_policy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
             color=line.get_color(),
             label=f"{b} random order (drew the best)",
         )
+    budget = next(iter(results.values())).get("recall_within_budget", {}).get("budget")
+    if budget:
+        ax.axvline(budget, color="grey", lw=0.8, ls=":", label=f"budget of {budget} trainings")
     ax.set(
         xlabel="trainings",
         ylabel=f"P(best in predicted top {next(iter(results.values()))['k']})",

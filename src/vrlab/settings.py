@@ -29,6 +29,7 @@ LIMITS: dict[str, tuple[int, bool]] = {
     "correspondence.upsample": (1, True),
     "law.degree": (1, False),
     "law.top_k": (1, False),
+    "law.budget": (1, False),
     "law.trials": (1, False),
     "law.bootstrap": (1, False),
     "generate.max_new_tokens": (1, False),
