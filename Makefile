@@ -95,10 +95,11 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)
 
-law-ac: install ## the law paper's C (protocol=law, SPair-71k) and A (stage-1 adapters in ADAPTERS) for its 13 representations
-	$(VRLAB) -m task=correspondence experiment=law_ac encoder=$(LAW_ENCODERS)
-	VRLAB_ADAPTERS=$(ADAPTERS) $(VRLAB) -m task=alignment experiment=law_ac encoder=$(LAW_ENCODERS)
-	$(VRLAB) task=law_table law.protocol=law
+law-ac: install ## the law paper's C (SPair-71k) and A, both protocols (stage-1 checkpoints in ADAPTERS), for its 15 settings
+	$(VRLAB) -m task=correspondence experiment=law_ac
+	VRLAB_ADAPTERS=$(ADAPTERS) $(VRLAB) -m task=alignment experiment=law_ac alignment.protocol=reference_cosine,caption_likelihood
+	$(VRLAB) task=law_table law.protocol=law law.alignment_protocol=reference_cosine 'law.out=$${paths.outputs}/law/table_reference_cosine.csv'
+	$(VRLAB) task=law_table law.protocol=law law.alignment_protocol=caption_likelihood 'law.out=$${paths.outputs}/law/table_caption_likelihood.csv'
 
 law-paper: install ## the Law paper's whole pipeline for ENCODERS (default its 13) on real data; resumable
 	$(VRLAB) -m task=train stage=1 train.data=llava-558k experiment=law_paper encoder=$(PAPER_TRAIN)

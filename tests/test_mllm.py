@@ -15,6 +15,7 @@ from vrlab.demo.tiny_llm import build_llm, default_corpus, llava_texts, pretrain
 from vrlab.errors import ShapeError, VrlabError
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN, tokenize
 from vrlab.mllm.data import Collator, ConversationDataset
+from vrlab.mllm.inference import caption_likelihood
 from vrlab.mllm.model import VisionLanguageModel, load_llm
 from vrlab.mllm.train import generate_batch, train
 
@@ -118,6 +119,36 @@ def test_other_templates_mask_everything_but_answers(dirs, llm_dir, template):
     _, labels = tokenize(convs, template, model.tokenizer, has_image=True)
     kept = model.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     assert kept.strip().startswith("A blue ring.") and "Describe" not in kept and IMAGE_TOKEN not in kept
+
+
+# A ChatML template that adds a system prompt when the conversation has none, as Qwen2.5's does.
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_chatml_template_with_a_default_system_prompt_labels_only_the_answers(dirs, llm_dir):
+    model = make(dirs, llm_dir, {"type": "linear"})
+    tok = model.tokenizer
+    tok.chat_template = CHATML
+    convs = [
+        {"from": "human", "value": "<image>\nDescribe."},
+        {"from": "gpt", "value": "A blue ring."},
+        {"from": "human", "value": "Colour?"},
+        {"from": "gpt", "value": "Blue."},
+    ]
+    ids, labels = tokenize(convs, "chat_template", tok, has_image=True)
+    assert tok.decode(ids) == tok.apply_chat_template(
+        [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in convs],
+        tokenize=False,
+    )
+    answers = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(answers) == "A blue ring.<|im_end|>\nBlue.<|im_end|>\n"
+    prompt, _ = tokenize(convs[:1], "chat_template", tok, has_image=True, generation=True)
+    assert ids[: len(prompt)] == prompt and tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert "You are a helpful assistant." in tok.decode(prompt)
 
 
 @pytest.mark.parametrize(
@@ -307,7 +338,11 @@ def test_stage1_lowers_the_loss_and_uses_the_image(dirs, llm_dir, llava, tmp_pat
     # 64 px (8x8 tokens) instead of the card's 32 px: a random encoder needs the resolution to tell scenes apart.
     model = make(dirs, llm_dir, {"type": "mlp2x_gelu"}, template="plain", encoder_args={"image_size": 64})
     dataset = ConversationDataset(LlavaJsonLoader(llava, "captions.json"), model)
+    every = list(range(len(dataset)))
+    untrained = caption_likelihood(model.eval(), dataset, every, progress=False)["A"]
     result = train(model, dataset, tmp_path, 1, stage_args(num_train_epochs=20))
+    # caption-likelihood A: the trained stage-1 model finds its captions likelier than its untrained start
+    assert caption_likelihood(model.eval(), dataset, every, progress=False)["A"] > untrained + 0.5
     losses = result["losses"]
     assert len(losses) == 80
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
@@ -317,6 +352,37 @@ def test_stage1_lowers_the_loss_and_uses_the_image(dirs, llm_dir, llava, tmp_pat
     assert matched < shuffled
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["type"] == "mlp2x_gelu" and saved["in_dim"] == 64 and saved["encoder"] == "tiny/clip"
+    assert saved["template"] == "plain"  # what caption-likelihood A scores with
+
+
+# --- caption-likelihood A (the Law paper's published A) ------------------------------------------------
+def test_caption_likelihood_equals_a_hand_computation_and_minus_the_loss(dirs, llm_dir, llava):
+    model = make(dirs, llm_dir, {"type": "mlp2x_gelu"}, template="plain").eval()
+    loader = LlavaJsonLoader(llava, "captions.json")
+    dataset = ConversationDataset(loader, model)
+    indices = [0, 3, 4, 9, 17]
+    result = caption_likelihood(model, dataset, indices, batch_size=2, progress=False)
+    # By hand, one pair at a time (no padding): the caption and its separator end the sequence.
+    total, count = 0.0, 0
+    for i in indices:
+        item = dataset[i]
+        batch = Collator(model)([item])
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].double()
+        caption = loader.samples[i]["conversations"][1]["value"]
+        target = model.tokenizer(caption + "\n", add_special_tokens=False).input_ids
+        ids = batch["input_ids"][0].tolist()
+        length, n = len(ids), len(target)
+        assert ids[length - n :] == target
+        logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        total += sum(float(logp[length - n - 1 + j, target[j]]) for j in range(n))
+        count += n
+        assert result["per_pair"][loader.samples[i]["id"]]["tokens"] == n
+    assert result["A"] == pytest.approx(total / count, rel=1e-5) and result["n_tokens"] == count
+    # The pairs as one batch, labels on the captions only: A is minus the stage-1 loss.
+    with torch.no_grad():
+        loss = float(model(**Collator(model)([dataset[i] for i in indices])).loss)
+    assert result["A"] == pytest.approx(-loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["stage1", "stage2", "lora"])
@@ -497,6 +563,81 @@ def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_ro
     assert tuned["saved"] != s2["saved"]  # its own run folder, not the frozen run's
     record = json.loads(Path(tuned["saved"], "vlm_config.json").read_text())["tuned_encoder"]
     assert record["last_blocks"] == 1 and record["learning_rate"] == 2e-6
+
+
+def test_caption_likelihood_task_and_the_law_table(compose_cfg, dirs, llm_dir, data_root, tmp_path):
+    from vrlab.cli import run_task
+
+    common = [
+        f"paths.data={data_root}",
+        f"registry.encoder_dirs=[{dirs[0]}]",
+        "encoder=tiny/clip",
+        "llm=demo",
+        f"llm.source={llm_dir}",
+    ]
+    s1 = run_task(
+        compose_cfg(
+            "task=train",
+            "stage=1",
+            "train.data=synth-captions",
+            f"train.out={tmp_path / 's1'}",
+            "train.stage1.per_device_train_batch_size=2",
+            "train.stage1.num_train_epochs=8",
+            "train.stage1.learning_rate=1e-2",
+            *common,
+        )
+    )
+    start = make(
+        dirs, llm_dir, {"type": "mlp2x_gelu"}
+    )  # an untrained stage-1 checkpoint (no template recorded)
+    save_adapter(start.adapter, tmp_path / "start", {**start.config_dict["adapter"], "stage": 1})
+
+    def a_of(adapter, label, *extra):
+        return run_task(
+            compose_cfg(
+                "task=alignment",
+                "alignment.protocol=caption_likelihood",
+                f"alignment.adapter={adapter}",
+                f"alignment.label={label}",
+                "alignment.n_pairs=4",
+                *common,
+                *extra,
+            )
+        )
+
+    trained, untrained = a_of(s1["saved"], "trained"), a_of(tmp_path / "start", "untrained")
+    assert trained["A"] > untrained["A"]
+    settings = trained["settings"]
+    assert trained["protocol"] == "caption_likelihood" and settings["template"] == "plain"
+    assert untrained["settings"]["template"] == "plain" and settings["captions"] == "synth-captions"
+    assert len(settings["sample_ids"]) == 4 and settings["sample_ids"] == untrained["settings"]["sample_ids"]
+    assert settings["checkpoint_digest"] != untrained["settings"]["checkpoint_digest"]
+    again = a_of(s1["saved"], "trained")
+    assert again["A"] == trained["A"] and again["output"] == trained["output"]
+    other = a_of(s1["saved"], "trained-5", "alignment.n_pairs=5", "seed=1")
+    assert other["settings"]["sample_ids"] != settings["sample_ids"] and other["output"] != trained["output"]
+    Path(other["output"]).unlink()  # another pair sample: the table below would refuse it, by name
+    # The law table: one A per representation; a reference-cosine result beside it is refused, by protocol.
+    (tmp_path / "scores.csv").write_text("representation,bench\ntrained,50\nuntrained,40\n")
+    table = [f"law.scores={tmp_path / 'scores.csv'}", *common]
+    built = run_task(compose_cfg("task=law_table", *table))
+    assert (
+        built["rows"] == 2
+        and "A" in built["columns"]
+        and not any(c.startswith("A_") for c in built["columns"])
+    )
+    cosine = Path(trained["output"]).parents[1] / "cosine" / "alignment.json"
+    cosine.parent.mkdir()
+    cosine.write_text(
+        json.dumps({"representation": "r", "protocol": "reference_cosine", "A": {"bench": 0.5}})
+    )
+    with pytest.raises(
+        VrlabError,
+        match="mix A protocols.*(caption_likelihood.*reference_cosine|reference_cosine.*caption_likelihood)",
+    ):
+        run_task(compose_cfg("task=law_table", *table))
+    kept = run_task(compose_cfg("task=law_table", "law.alignment_protocol=caption_likelihood", *table))
+    assert kept["rows"] == 2
 
 
 # --- a vision tower trained in stage 2 ---------------------------------------------------------------------

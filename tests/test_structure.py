@@ -148,11 +148,20 @@ def _names(cfg) -> tuple[set[str], set[str]]:
     return encoders, benchmarks
 
 
+def _swept(experiment: str) -> list[str]:
+    """The encoders an experiment's own sweep (hydra.sweeper.params.encoder) runs under -m."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    sweep = (cfg.hydra.sweeper.get("params") or {}).get("encoder")
+    return sweep.split(",") if sweep else []
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_names_real_cards(experiment, tiny_root):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"])
     encoders, benchmarks = _names(cfg)
+    encoders |= set(_swept(experiment))
     enc = Registry.from_dirs([tiny_root / "cards"])
     bench = Registry.from_dirs(kind="benchmark")
     for name in encoders:
@@ -160,6 +169,23 @@ def test_every_experiment_composes_and_names_real_cards(experiment, tiny_root):
     for name in benchmarks:
         bench.get(name)
     assert benchmarks, experiment
+
+
+def test_law_ac_sweeps_the_published_15_settings_under_either_a_protocol():
+    swept = _swept("law_ac")
+    make = (ROOT / "Makefile").read_text()
+    first = re.search(r"^LAW_ENCODERS \?= (.+)$", make, re.M).group(1).split(",")
+    assert len(swept) == len(set(swept)) == 15 and swept == [*first, "siglip-l-256", "siglip2-l-256"]
+    registry = Registry.from_config(None)
+    assert [registry.resolve(n)[0].name for n in swept[-2:]] == [
+        "google/siglip-large-patch16-256",
+        "google/siglip2-large-patch16-256",
+    ]
+    for protocol in ("reference_cosine", "caption_likelihood"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["experiment=law_ac", f"alignment.protocol={protocol}"])
+        assert cfg.alignment.protocol == protocol and cfg.alignment.captions == "llava-558k"
+        assert cfg.alignment.n_pairs == 100
 
 
 def test_the_checker_catches_a_card_that_does_not_exist():
@@ -172,7 +198,8 @@ def test_the_checker_catches_a_card_that_does_not_exist():
 
 
 @pytest.mark.parametrize(
-    "group", ["correspondence=law", "correspondence=standard", "adapter=qformer", "llm=demo"]
+    "group",
+    ["correspondence=law", "correspondence=standard", "adapter=qformer", "llm=demo", "llm=qwen2.5-14b"],
 )
 def test_config_groups_swap_a_choice_as_a_whole(group):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -180,6 +207,8 @@ def test_config_groups_swap_a_choice_as_a_whole(group):
     key, _, value = group.partition("=")
     if key == "correspondence":
         assert cfg.correspondence.protocol == value
+    elif value == "qwen2.5-14b":  # the backbone study is this one override
+        assert (cfg.llm.source, cfg.llm.template) == ("Qwen/Qwen2.5-14B-Instruct", "chat_template")
     else:
         assert cfg[key]
 

@@ -22,12 +22,13 @@ def siglip_full(folder, card):
     """A full SigLIP checkpoint (vision + text), as the fixed-resolution SigLIP 2 releases are."""
     from transformers import SiglipConfig, SiglipModel
 
-    patch, size = {1152: (14, 384), 768: (16, 224)}[card.dim]  # the released configs' (384 is not 27 x 14)
+    # the released configs' patch and size (384 is not 27 x 14)
+    patch, size = {1152: (14, 384), 1024: (16, 256), 768: (16, 224)}[card.dim]
     vision = dict(
         hidden_size=card.dim,
         intermediate_size=64,
         num_hidden_layers=1,
-        num_attention_heads=16 if card.dim == 1152 else 12,
+        num_attention_heads=12 if card.dim == 768 else 16,
         patch_size=patch,
         image_size=size,
     )
@@ -149,6 +150,8 @@ def timm_hub(folder, card):
 CARDS = {
     "google/siglip2-so400m-patch14-384": siglip_full,
     "google/siglip2-base-patch16-224": siglip_full,
+    "google/siglip-large-patch16-256": siglip_full,
+    "google/siglip2-large-patch16-256": siglip_full,
     "facebook/webssl-dino1b-full2b-224": dinov2,
     "timm/vit_pe_core_large_patch14_336.fb": timm_hub,
     "timm/vit_pe_spatial_large_patch14_448.fb": timm_hub,

@@ -166,7 +166,7 @@ def build_adapter(config: Mapping[str, Any]) -> nn.Module:
     options = {
         k: v
         for k, v in cfg.items()
-        if k not in ("encoder", "llm", "num_tokens_in", "template", "stage", "encoder_args")
+        if k not in ("encoder", "llm", "num_tokens_in", "template", "stage", "encoder_args", "tuned_encoder")
     }
     if kind == "linear" or re.fullmatch(r"mlp\d+x_gelu", str(kind)):
         return MLPAdapter(kind, in_dim, out_dim)

@@ -25,6 +25,8 @@ LIMITS: dict[str, tuple[int, bool]] = {
     "perf.repeats": (1, False),
     "perf.runs": (1, False),
     "alignment.n_images": (1, True),
+    "alignment.n_pairs": (1, True),
+    "alignment.batch_size": (1, False),
     "correspondence.max_pairs": (1, True),
     "correspondence.upsample": (1, True),
     "law.degree": (1, False),

@@ -356,6 +356,7 @@ class LlavaJsonLoader(Loader):
         self, root: str | Path, file: str = "conversations.json", image_folder: str = "images"
     ) -> None:
         super().__init__(root, None)
+        self.image_folder = str(image_folder)
         path = self.root / file
         data = _read_json(path)
         if not isinstance(data, list):

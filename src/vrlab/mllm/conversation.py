@@ -105,11 +105,12 @@ def tokenize(
     sample_id: Any = "?",
     generation: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels (answers only; everything else IGNORE_INDEX). BOS first when the tokenizer has one."""
+    """Token ids and labels (answers only; everything else IGNORE_INDEX). BOS first when the tokenizer has one,
+    except for `plain` (LLaVA's stage 1) and `chat_template`, whose template writes any BOS itself (as
+    `apply_chat_template` tokenises: Llama 3's template starts with it, Qwen's has none)."""
     check_placeholders(conversations, has_image, sample_id)
-    ids: list[int] = (
-        [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and template != "plain" else []
-    )
+    bos = tokenizer.bos_token_id is not None and template == "vicuna_v1"
+    ids: list[int] = [tokenizer.bos_token_id] if bos else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     for text, is_answer in segments(conversations, template, tokenizer, generation):
         piece = tokenizer(text, add_special_tokens=False).input_ids

@@ -28,7 +28,7 @@ class ConversationDataset(Dataset):
         self, loader: Any, model: Any, image_aspect_ratio: str | None = None, generation: bool = False
     ) -> None:
         self.samples, self.model, self.generation = loader.samples, model, generation
-        self.root, self.image_folder = loader.root, getattr(loader, "image_folder", "images")
+        self.root, self.image_folder = loader.root, loader.image_folder
         self.image_aspect_ratio = image_aspect_ratio
 
     def __len__(self) -> int:
@@ -126,7 +126,7 @@ def _item(
     return item
 
 
-def _on_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+def on_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     device = next(model.parameters()).device
     return {
         k: (v.to(device) if torch.is_tensor(v) else tuple(t.to(device) for t in v)) for k, v in batch.items()
@@ -145,7 +145,7 @@ def generation_batch(
     batch = Collator(model, padding_side="left")(items)
     batch.pop("labels")
     batch.pop("decoder_labels", None)
-    return _on_device(model, batch)
+    return on_device(model, batch)
 
 
 def scoring_batch(
@@ -161,4 +161,4 @@ def scoring_batch(
         _item(model, image, prompt, answer, aspect)
         for image, prompt, answer in zip(images, prompts, answers, strict=True)
     ]
-    return _on_device(model, Collator(model, padding_side="right")(items))
+    return on_device(model, Collator(model, padding_side="right")(items))

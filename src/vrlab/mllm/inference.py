@@ -1,7 +1,8 @@
-"""Inference on a VisionLanguageModel: batched generation with stop strings, and answer log-likelihoods.
+"""Inference on a VisionLanguageModel: batched generation with stop strings, answer log-likelihoods, and the
+caption likelihood that is the published Law paper's A score.
 
-Both take one image (or None) and one prompt per sample and build the batch exactly as training does (the
-model's template, `<image>` in front), so a score reflects the trained model and not a re-implementation.
+All build the batch exactly as training does (the model's template, `<image>` in front; captions as stage 1
+labels them), so a score reflects the trained model and not a re-implementation.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from vrlab.errors import VrlabError
 from vrlab.mllm.conversation import IGNORE_INDEX
-from vrlab.mllm.data import generation_batch, scoring_batch
+from vrlab.mllm.data import Collator, generation_batch, on_device, scoring_batch
 
 # lmms-eval generation keys -> Hugging Face `generate` arguments; anything else is refused by name.
 _GENERATE_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams")
@@ -57,6 +60,22 @@ def generate_answers(
 
 
 @torch.inference_mode()
+def label_logprobs(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample of a teacher-forced batch: the summed log-probability of its labelled tokens, their count,
+    and whether greedy decoding reproduces them all. Pooled over a batch, sum/count is the model's −loss."""
+    if model.is_seq2seq:
+        targets = batch["decoder_labels"]
+        logits = model(**batch).logits
+    else:
+        targets = batch["labels"][:, 1:]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    mask = targets != IGNORE_INDEX
+    logp = F.log_softmax(logits.float(), dim=-1)
+    token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    greedy = (logits.argmax(-1) == targets) | ~mask
+    return (token_logp * mask).sum(dim=1), mask.sum(dim=1), greedy.all(dim=1)
+
+
 def answer_loglikelihoods(
     model: Any,
     images: Sequence[torch.Tensor | None],
@@ -69,16 +88,36 @@ def answer_loglikelihoods(
     The answer is scored as training labels it: its tokens and the end-of-turn token that follows. `is_greedy`
     says whether greedy decoding would produce exactly those tokens.
     """
-    batch = scoring_batch(model, images, prompts, answers, aspect)
-    if model.is_seq2seq:
-        targets = batch["decoder_labels"]
-        logits = model(**batch).logits
-    else:
-        targets = batch["labels"][:, 1:]
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
-    mask = targets != IGNORE_INDEX
-    logp = F.log_softmax(logits.float(), dim=-1)
-    token_logp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    greedy = (logits.argmax(-1) == targets) | ~mask
-    total = (token_logp * mask).sum(dim=1)
-    return [(float(t), bool(g)) for t, g in zip(total, greedy.all(dim=1), strict=True)]
+    total, _, greedy = label_logprobs(model, scoring_batch(model, images, prompts, answers, aspect))
+    return [(float(t), bool(g)) for t, g in zip(total, greedy, strict=True)]
+
+
+def caption_likelihood(
+    model: Any, dataset: Any, indices: Sequence[int], batch_size: int = 8, progress: bool = True
+) -> dict[str, Any]:
+    """Caption-likelihood A of a VisionLanguageModel (set to its stage-1 template) over `dataset[indices]`
+    (a ConversationDataset of image-caption samples): batched, teacher-forced, tokens pooled over all pairs."""
+    if not indices:
+        raise VrlabError("caption likelihood needs at least one image-caption pair")
+    collate = Collator(model, padding_side="right")
+    total, count, per_pair = 0.0, 0, {}
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc="caption likelihood", unit="batch", disable=not progress):
+        items = [dataset[i] for i in indices[start : start + batch_size]]
+        for item in items:
+            if not item["has_image"]:
+                raise VrlabError(
+                    f"caption sample '{item['id']}' has no image; caption likelihood scores captions given images"
+                )
+        sums, counts, _ = label_logprobs(model, on_device(model, collate(items)))
+        for item, s, n in zip(items, sums.tolist(), counts.tolist(), strict=True):
+            per_pair[str(item["id"])] = {"logprob": s, "tokens": int(n)}
+        total += float(sums.double().sum())
+        count += int(counts.sum())
+    return {
+        "A": total / count,
+        "n_pairs": len(indices),
+        "n_tokens": count,
+        "per_pair": per_pair,
+        "mean_of_pairs": sum(p["logprob"] / p["tokens"] for p in per_pair.values()) / len(per_pair),
+    }

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vrlab.adapters import build_adapter, load_adapter
-from vrlab.checkpoint import TOWER_FILE, VLM_CONFIG, load_tower, save_adapter
+from vrlab.checkpoint import TOWER_FILE, VLM_CONFIG, load_tower, read_adapter_config, save_adapter
 from vrlab.data.images import pad_to_square
 from vrlab.encoders.factory import encoder_from_dict, load_encoder
 from vrlab.errors import ShapeError, VrlabError
@@ -129,6 +129,56 @@ class VisionLanguageModel(nn.Module):
             "trust_remote_code": trust_remote_code,
         }
         return cls(enc, build_adapter(adapter_cfg), lm, tokenizer, config, guide_model, guide_tokenizer)
+
+    @classmethod
+    def from_stage1(
+        cls,
+        folder: str | Path,
+        encoder: str,
+        *,
+        llm: str | None = None,
+        template: str | None = None,
+        registry_cfg: Mapping[str, Any] | None = None,
+        encoder_args: Mapping[str, Any] | None = None,
+        compose: Mapping[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        text_tower: Mapping[str, Any] | None = None,
+    ) -> VisionLanguageModel:
+        """The stage-1 model of an adapter checkpoint, frozen: `encoder` from the registry (with the tower the
+        adapter was trained on, if stage 2 tuned it), the adapter's LLM (or `llm`) and its stage-1 template
+        (recorded by stage 1; `plain` for checkpoints without one, LLaVA's stage-1 template)."""
+        folder = Path(folder)
+        config = read_adapter_config(folder)
+        source = llm or config.get("llm")
+        if not source:
+            raise VrlabError(
+                f"adapter {folder} does not record its LLM; name it with alignment.llm=<LLM folder or hub id>"
+            )
+        if not llm and not Path(source).is_absolute() and (folder.parent / source).is_dir():
+            source = str(folder.parent / source)  # the adapter of a model folder: its LLM sits beside it
+        enc = load_encoder(encoder, encoder_args, compose, registry=registry_cfg)
+        tuned = load_tower(enc, folder / config["tuned_encoder"]) if config.get("tuned_encoder") else None
+        adapter, adapter_cfg = load_adapter(folder, expect_in_dim=enc.dim, encoder=enc.name)
+        lm, tokenizer = load_llm(source, trust_remote_code)
+        if int(adapter_cfg["out_dim"]) != _hidden_size(lm):
+            raise ShapeError(
+                f"adapter {folder} projects to width {adapter_cfg['out_dim']} but the LLM '{source}' is "
+                f"{_hidden_size(lm)} wide; give the LLM it was trained with (alignment.llm=...)"
+            )
+        guide_model = guide_tokenizer = None
+        if adapter_cfg["type"] == "tg":
+            guide_model, guide_tokenizer = _load_text_tower(text_tower)
+        vlm_config = {
+            "encoder": enc.card.to_dict(),
+            "llm": source,
+            "adapter": adapter_cfg,
+            "template": template or config.get("template") or "plain",
+            "text_tower": dict(text_tower or {}),
+            "compose": dict(compose or {}),
+            "trust_remote_code": trust_remote_code,
+            "tuned_tower": tuned,  # the digest of the tuned tower it runs, or None
+        }
+        return cls(enc, adapter, lm, tokenizer, vlm_config, guide_model, guide_tokenizer).eval()
 
     def load_adapter_checkpoint(self, folder: str | Path) -> None:
         """Load stage-1 adapter weights (for stage 2); the widths must match this model's encoder and LLM."""

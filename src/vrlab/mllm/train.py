@@ -152,7 +152,9 @@ def train(
     result = trainer.train(resume_from_checkpoint=resume or None)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if stage == 1:
-        saved = save_adapter(model.adapter, out_dir / "adapter", {**model.config_dict["adapter"], "stage": 1})
+        # the template is recorded: caption-likelihood A scores captions exactly as this stage labelled them
+        adapter_cfg = {**model.config_dict["adapter"], "stage": 1, "template": model.template}
+        saved = save_adapter(model.adapter, out_dir / "adapter", adapter_cfg)
     else:
         saved = model.save_pretrained(out_dir / "model")
     return {

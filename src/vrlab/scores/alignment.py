@@ -1,9 +1,16 @@
-"""A score (cross-modal alignment), as in "Law of Vision Representation in MLLMs".
+"""A score (cross-modal alignment), as in "Law of Vision Representation in MLLMs", under two protocols.
 
-For a candidate's projected tokens E_v(x) [N_v, H] and a reference's E_r(x) [N_r, H] (each from its own
+`reference_cosine` (the paper's first version and its authors' code; the default). For a candidate's projected tokens E_v(x) [N_v, H] and a reference's E_r(x) [N_r, H] (each from its own
 stage-1 projector):  s_r(v, x) = mean_i max_j cos(E_v(x)_i, E_r(x)_j); A_r is the mean of s_r over the first
 N images of a benchmark, and A the mean over references. Token counts may differ; widths may not.
 fp32 by default; `dtype=bfloat16` reproduces the published numerics (tensors saved and compared in bf16).
+
+`caption_likelihood` (the published version, COLM 2025): with encoder, stage-1 projector and LLM frozen, A is
+the mean log-probability per caption token given the image, over N image-caption pairs of the stage-1 data,
+each scored as stage 1 labels it (the stage-1 template: the caption and its separator). Tokens are pooled
+over all pairs, so A is exactly the negative stage-1 loss of those pairs taken as one batch. One A per
+representation, shared by every benchmark. It runs the MLLM, so it lives with the model's other scoring
+calls (`vrlab.mllm.inference.caption_likelihood`); this module keeps the protocol names.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from vrlab.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ALIGNMENT_PROTOCOLS = ("reference_cosine", "caption_likelihood")
 
 
 def image_alignment(candidate: torch.Tensor, reference: torch.Tensor, dtype: str = "float32") -> torch.Tensor:

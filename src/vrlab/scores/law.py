@@ -252,14 +252,17 @@ def collect_table(
     eval_files: Sequence[Path] = (),
     score_metrics: Mapping[str, str] | None = None,
     duplicates: str = "error",
+    alignment_protocol: str | None = None,
 ) -> pd.DataFrame:
     """One row per representation from alignment.json, correspondence.json and eval.json results (vrlab's own
     runs) and, optionally, a scores table.
 
-    With `protocol`, only C results of that protocol count. Two results for one cell are an error (with
+    With `protocol`, only C results of that protocol count; with `alignment_protocol`, only A results of that
+    protocol, and A results of two protocols are an error. Caption-likelihood A gives one column `A` shared by
+    every benchmark; reference-cosine A one column `A_<benchmark>` per benchmark. Two results for one cell are an error (with
     `duplicates="newest"`, the most recently written wins and the others are named in a warning), and so is
     a column whose values were computed with different settings (C protocol; A's image count, dtype and
-    references per benchmark; an eval task's limit, generation overrides, task version and sample count).
+    references per benchmark, or its caption set, pair sample and template; an eval task's limit, generation overrides, task version and sample count).
     """
     rows: dict[str, dict[str, Any]] = {}
     source: dict[tuple[str, str], Path] = {}
@@ -289,8 +292,27 @@ def collect_table(
         put(rec["representation"], "C", rec["C"], Path(path))
         if rec.get("tuned_tower"):
             tuned.add(rec["representation"])
+    protocols: dict[str, Path] = {}
     for path in alignment_files:
         rec = json.loads(Path(path).read_text())
+        kind = rec.get("protocol", "reference_cosine")  # results from before protocols existed: the default
+        if alignment_protocol and kind != alignment_protocol:
+            continue
+        protocols.setdefault(kind, Path(path))
+        if len(protocols) > 1:
+            (a, pa), (b, pb) = protocols.items()
+            raise VrlabError(
+                f"the law table would mix A protocols: {pa} is {a} but {pb} is {b}; A must mean one thing across "
+                "representations: choose one with law.alignment_protocol=reference_cosine|caption_likelihood"
+            )
+        if kind == "caption_likelihood":  # one A per representation, shared by every benchmark
+            s = rec.get("settings", {})
+            used = (s.get("captions"), s.get("n_pairs"), s.get("template"), s.get("pairs_digest"))
+            _same("A", "A", settings, used, Path(path))
+            put(rec["representation"], "A", rec["A"], Path(path))
+            if rec.get("tuned_tower"):
+                tuned.add(rec["representation"])
+            continue
         for bench, value in rec["A"].items():
             s = rec.get("results", {}).get(bench, {})
             used = (

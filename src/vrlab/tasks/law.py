@@ -15,6 +15,7 @@ from rich.table import Table
 from vrlab.errors import VrlabError
 from vrlab.report import law_markdown, plot_fit, plot_policy
 from vrlab.runtime import atomic_write_bytes, atomic_write_json, run_dir, to_plain
+from vrlab.scores.alignment import ALIGNMENT_PROTOCOLS
 from vrlab.scores.law import a_column, benchmarks_of, collect_table, fit_law, read_table
 from vrlab.scores.policy import recall_within_budget, recommend, simulate_policy
 
@@ -30,8 +31,19 @@ def law_table_task(cfg: Any) -> dict[str, Any]:
     scores = pd.read_csv(lcfg.scores) if lcfg.scores else None
     if lcfg.duplicates not in ("error", "newest"):
         raise VrlabError(f"law.duplicates={lcfg.duplicates!r} must be 'error' or 'newest'")
+    if lcfg.get("alignment_protocol") not in (None, *ALIGNMENT_PROTOCOLS):
+        raise VrlabError(
+            f"law.alignment_protocol={lcfg.alignment_protocol!r} must be one of {list(ALIGNMENT_PROTOCOLS)} or null"
+        )
     table = collect_table(
-        a_files, c_files, scores, lcfg.protocol, e_files, to_plain(lcfg.score_metrics), lcfg.duplicates
+        a_files,
+        c_files,
+        scores,
+        lcfg.protocol,
+        e_files,
+        to_plain(lcfg.score_metrics),
+        lcfg.duplicates,
+        lcfg.get("alignment_protocol"),
     )
     out = Path(lcfg.out or Path(cfg.paths.outputs) / "law" / "table.csv")
     atomic_write_bytes(out, table.to_csv(index=False).encode())

@@ -1,5 +1,7 @@
-"""`vrlab task=alignment` and `task=correspondence`: the A and C scores of an encoder, extracted into stores
-first (reused when the same settings ran before), written as JSON under `<outputs>/alignment|correspondence`."""
+"""`vrlab task=alignment` and `task=correspondence`: the A and C scores of an encoder, written as JSON under
+`<outputs>/alignment|correspondence`. A follows `alignment.protocol`: `reference_cosine` (tokens extracted into
+stores first, reused when the same settings ran before) or `caption_likelihood` (the stage-1 model scores a
+seeded sample of image-caption pairs)."""
 
 from __future__ import annotations
 
@@ -9,26 +11,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from vrlab.checkpoint import load_tower
+from vrlab.checkpoint import file_digest, load_tower
 from vrlab.data.images import decode_image
 from vrlab.encoders.factory import load_encoder
 from vrlab.errors import VrlabError
 from vrlab.extract import run_extraction
+from vrlab.fingerprint import card_fingerprint, items_fingerprint, spec_fingerprint
 from vrlab.mllm.tower import representation
 from vrlab.registry import Registry
 from vrlab.runtime import atomic_write_json, config_hash, resolve_device, run_dir, seed_everything, to_plain
-from vrlab.scores.alignment import alignment
+from vrlab.scores.alignment import ALIGNMENT_PROTOCOLS, alignment
 from vrlab.scores.correspondence import correspondence, extraction_options, settings_for
-from vrlab.tasks.config import benchmark_from_cfg, extraction_request, registry_cfg
+from vrlab.tasks.config import adapter_checkpoint, benchmark_from_cfg, extraction_request, registry_cfg
 
 log = logging.getLogger(__name__)
 
 
 def alignment_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=alignment`: A of `encoder` (+ `alignment.adapter`) against the references, per benchmark."""
+    """`vrlab task=alignment`: A of `encoder` (+ `alignment.adapter`): against the references per benchmark
+    (`reference_cosine`), or as caption likelihood under the stage-1 model (`caption_likelihood`)."""
     acfg = cfg.alignment
+    protocol = acfg.get("protocol") or "reference_cosine"
+    if protocol not in ALIGNMENT_PROTOCOLS:
+        raise VrlabError(f"alignment.protocol={protocol!r} must be one of {list(ALIGNMENT_PROTOCOLS)}")
+    if protocol == "caption_likelihood":
+        return caption_alignment_task(cfg)
     benchmarks: Sequence[str] = to_plain(acfg.benchmarks) or [cfg.benchmark]
     if not benchmarks or benchmarks == [None]:
         raise VrlabError("alignment needs benchmarks: alignment.benchmarks=[...] or benchmark=<name>")
@@ -96,6 +106,7 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
     summary = {
         "representation": representation(acfg.label, cfg.encoder, tuned),
         "encoder": cfg.encoder,
+        "protocol": "reference_cosine",
         "tuned_tower": tuned,
         "A": {b: r["A"] for b, r in results.items()},
         "results": results,
@@ -104,6 +115,120 @@ def alignment_task(cfg: Any) -> dict[str, Any]:
     log.info("written %s", out / "alignment.json")
     summary["output"] = str(Path(out) / "alignment.json")
     return summary
+
+
+def caption_sample(n_samples: int, n: int | None, seed: int) -> list[int]:
+    """The seeded sample of `n` pair indices (all, in order, when `n` is null or covers them)."""
+    if not n or n >= n_samples:
+        return list(range(n_samples))
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(n_samples, size=n, replace=False))
+
+
+def caption_alignment_task(cfg: Any) -> dict[str, Any]:
+    """`vrlab task=alignment alignment.protocol=caption_likelihood alignment.adapter=<stage-1 checkpoint>`: the
+    mean log-probability per caption token given the image, under the frozen stage-1 model, over a seeded
+    sample of `alignment.n_pairs` pairs of `alignment.captions` (the same pairs for every representation)."""
+    from vrlab.mllm.data import ConversationDataset
+    from vrlab.mllm.inference import caption_likelihood
+    from vrlab.mllm.model import VisionLanguageModel
+
+    acfg = cfg.alignment
+    seed_everything(cfg.seed)
+    if not acfg.adapter:
+        raise VrlabError(
+            "alignment.protocol=caption_likelihood needs alignment.adapter=<the candidate's stage-1 checkpoint "
+            "(task=train stage=1)>: A is the caption likelihood under that model"
+        )
+    if not acfg.get("captions"):
+        raise VrlabError(
+            "alignment.captions is empty: name a LLaVA-JSON caption benchmark (llava-558k, synth-captions)"
+        )
+    folder = adapter_checkpoint(cfg, acfg.adapter)
+    loader = benchmark_from_cfg(cfg, acfg.captions, to_plain(acfg.get("captions_args") or {}))
+    if not hasattr(loader, "samples"):
+        raise VrlabError(
+            f"alignment.captions={acfg.captions} is not a LLaVA-JSON benchmark (image + conversation samples)"
+        )
+    model = VisionLanguageModel.from_stage1(
+        folder,
+        cfg.encoder,
+        llm=acfg.get("llm"),
+        template=acfg.get("template"),
+        registry_cfg=registry_cfg(cfg),
+        encoder_args=to_plain(cfg.encoder_args),
+        compose=to_plain(cfg.compose),
+        trust_remote_code=cfg.llm.trust_remote_code,
+        text_tower=to_plain(cfg.adapter).get("text_tower"),
+    ).to(resolve_device(cfg.device))
+    pool = [i for i, sample in enumerate(loader.samples) if "image" in sample]
+    if not pool:
+        raise VrlabError(f"alignment.captions={acfg.captions} has no sample with an image")
+    indices = [pool[j] for j in caption_sample(len(pool), acfg.n_pairs, cfg.seed)]
+    if acfg.n_pairs and acfg.n_pairs > len(pool):
+        log.warning(
+            "alignment.n_pairs=%d but %s holds %d image-caption pairs: all are used",
+            acfg.n_pairs,
+            acfg.captions,
+            len(pool),
+        )
+    model.config_dict["image_aspect_ratio"] = cfg.train.image_aspect_ratio  # as stage 1 saw the images
+    dataset = ConversationDataset(loader, model)
+    ids = [str(loader.samples[i].get("id", i)) for i in indices]
+    pairs = config_hash([loader.samples[i] for i in indices], 16)  # edited captions: new numbers
+    result = caption_likelihood(model, dataset, indices, acfg.batch_size)
+    settings = {
+        "captions": loader.card.name,
+        "n_pairs": acfg.n_pairs,
+        "seed": cfg.seed,
+        "template": model.template,
+        "image_aspect_ratio": cfg.train.image_aspect_ratio,
+        "pooling": "tokens pooled over all pairs (= -loss of the pairs as one batch)",
+        "sample_ids": ids,
+        "pairs_digest": pairs,
+        "checkpoint": str(folder),
+        "checkpoint_digest": file_digest(folder),
+        "llm": model.config_dict["llm"],
+    }
+    tuned = model.config_dict.get("tuned_tower")
+    card = model.encoder.card.to_dict()
+    out = run_dir(
+        cfg.paths.outputs,
+        "alignment",
+        cfg.encoder,
+        {
+            "protocol": "caption_likelihood",
+            **{k: v for k, v in settings.items() if k != "sample_ids"},
+            # new weights, settings or image files: a new folder
+            "encoder": {"card": card, "files": card_fingerprint(card)},
+            "llm_files": spec_fingerprint({"llm": model.config_dict["llm"]}),
+            "images": items_fingerprint(
+                [loader.root / loader.image_folder / loader.samples[i]["image"] for i in indices]
+            ),
+        },
+    )
+    record = {
+        "representation": representation(acfg.label, cfg.encoder, tuned),
+        "encoder": cfg.encoder,
+        "protocol": "caption_likelihood",
+        "tuned_tower": tuned,
+        "A": result["A"],
+        "n_tokens": result["n_tokens"],
+        "mean_of_pairs": result["mean_of_pairs"],
+        "settings": settings,
+        "per_pair": result["per_pair"],
+    }
+    atomic_write_json(out / "alignment.json", record)
+    log.info(
+        "A(%s) = %.4f: caption log-likelihood per token over %d pairs of %s (template %s) -> %s",
+        cfg.encoder,
+        result["A"],
+        len(indices),
+        loader.card.name,
+        model.template,
+        out / "alignment.json",
+    )
+    record["output"] = str(out / "alignment.json")
+    return record
 
 
 def correspondence_task(cfg: Any) -> dict[str, Any]:
