@@ -80,6 +80,13 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 	$(OFFLINE) $(VRLAB) task=law_table experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=law_policy experiment=demo $(DEMO_ARGS)
+	@# The same law with A as the published paper defines it: caption likelihood under each stage-1 model.
+	$(OFFLINE) $(VRLAB) -m task=alignment experiment=demo encoder=$(LAW_DEMO_ENCODERS) \
+		alignment.protocol=caption_likelihood $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_table experiment=demo law.alignment_protocol=caption_likelihood \
+		'law.out=$${paths.outputs}/law/table_caption_likelihood.csv' $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=law_fit experiment=demo 'law.table=$${paths.outputs}/law/table_caption_likelihood.csv' \
+		$(DEMO_ARGS)
 	@# LLM2CLIP: the tiny LLM fine-tuned on caption pairs, a CLIP stage of tiny CLIP against its stored caption
 	@# embeddings, with retrieval before and after (`task=retrieval experiment=demo_llm2clip` reads the saved model).
 	$(OFFLINE) $(VRLAB) task=llm2clip_text experiment=demo_llm2clip $(DEMO_ARGS)

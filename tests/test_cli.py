@@ -209,13 +209,19 @@ def test_make_demo_end_to_end(tmp_path):
     )
     assert all(e["tasks"]["synth_mc"]["results"]["synth_mc"]["n_samples"] == 48 for e in evals)
     assert "synth_vqa" in proc.stdout and "exact_match,none" in proc.stdout
-    (fit,) = (tmp_path / "out" / "law").glob("fit-*/law_fit.json")
-    law = json.loads(fit.read_text())
-    assert set(law["benchmarks"]) == {"synth_vqa", "synth_mc"} and law["benchmarks"]["synth_mc"]["n"] == len(
-        LAW_ENCODERS
-    )
+    fits = [json.loads(p.read_text()) for p in (tmp_path / "out" / "law").glob("fit-*/law_fit.json")]
+    assert len(fits) == 2  # A as reference cosine (per benchmark) and as caption likelihood (one per row)
+    for law in fits:
+        assert set(law["benchmarks"]) == {"synth_vqa", "synth_mc"}
+        assert law["benchmarks"]["synth_mc"]["n"] == len(LAW_ENCODERS)
     table = (tmp_path / "out" / "law" / "table.csv").read_text().splitlines()[0].split(",")
     assert {"A_synth_vqa", "A_synth_mc", "C", "synth_vqa", "synth_mc"} <= set(table)
+    caption = (
+        (tmp_path / "out" / "law" / "table_caption_likelihood.csv").read_text().splitlines()[0].split(",")
+    )
+    assert {"A", "C", "synth_vqa", "synth_mc"} <= set(caption) and not any(
+        c.startswith("A_") for c in caption
+    )
     # LLM2CLIP: the CLIP stage against the tiny LLM's caption embeddings beats its untrained adapter
     l2c = json.loads((tmp_path / "demo" / "llm2clip" / "llm2clip_result.json").read_text())
     before, after = l2c["retrieval"]["before"], l2c["retrieval"]["after"]
