@@ -81,6 +81,36 @@ def _inputs_fingerprint(cfg: Any, data: Any) -> str:
     )
 
 
+INPUTS_FILE = "train_inputs.json"  # what the checkpoints in <out>/trainer were trained on
+
+
+def _resume_from(resume: Any, out: Path, inputs: str) -> str | bool | None:
+    """`train.resume`: `auto` continues from the last checkpoint in `<out>/trainer` when the run that wrote it
+    had the same inputs, so a requeued or restarted job picks up where it stopped; null starts over; a folder
+    or true is passed to the Trainer as given."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = out / INPUTS_FILE
+    previous = json.loads(marker.read_text()).get("inputs") if marker.exists() else None
+    atomic_write_json(marker, {"inputs": inputs})
+    if resume != "auto":
+        return resume or None
+    trainer_dir = out / "trainer"
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    if last is None:
+        return None
+    if previous != inputs:
+        log.warning(
+            "%s holds checkpoints of a run with other inputs: training from the start (train.resume=%s to "
+            "continue from one anyway)",
+            trainer_dir,
+            last,
+        )
+        return None
+    log.info("continuing from %s (train.resume=auto; train.resume=null starts over)", last)
+    return last
+
+
 def train_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=train stage=1|2 encoder=... llm=... adapter=... train.data=<LLaVA JSON benchmark card>`."""
     seed_everything(cfg.seed)
@@ -124,7 +154,7 @@ def train_task(cfg: Any) -> dict[str, Any]:
         out,
         cfg.stage,
         stage_args,
-        resume=cfg.train.resume,
+        resume=_resume_from(cfg.train.resume, out, inputs),
         lora=to_plain(cfg.train.lora) if cfg.stage == 2 else None,
         tune=_tune(cfg),
     )

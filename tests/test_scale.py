@@ -1,0 +1,191 @@
+"""Scale-out: the SLURM launcher's sbatch script (composed, no cluster), a real submitit_local sweep, a killed
+training job that continues where it stopped, and two-process training (accelerate, CPU gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from vrlab.store import EmbeddingStore, is_complete
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+VRLAB = Path(sys.executable).parent / "vrlab"
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ) | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_the_slurm_launcher_writes_the_sbatch_script_its_overrides_ask_for(monkeypatch, tmp_path):
+    """The composed launcher goes through the plugin's own `launch` and submitit's own sbatch writer; only
+    the submission (sbatch) is stopped."""
+    import submitit.slurm.slurm as slurm
+
+    written = {}
+
+    class Submitted(Exception):
+        pass
+
+    make_text = slurm.SlurmExecutor._make_submission_file_text
+
+    def capture(self, command, uid):
+        written["text"], written["requeues"] = make_text(self, command, uid), self.max_num_timeout
+        raise Submitted
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "_make_submission_file_text", capture)
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")  # pretend srun exists
+    overrides = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=vision-lab",
+        "hydra.launcher.gpus_per_node=8",
+        "hydra.launcher.tasks_per_node=8",
+        "hydra.launcher.timeout_min=720",
+        "hydra.launcher.array_parallelism=2",
+        "hydra.launcher.max_num_timeout=5",
+        "hydra.launcher.setup=[module load cuda]",
+        f"hydra.sweep.dir={tmp_path}",
+        "task=extract",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+    with pytest.raises(Submitted):
+        launcher.launch([["encoder=clip336"], ["encoder=dinov2-l"], ["encoder=sd2.1"]], 0)
+    text = written["text"]
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=vision-lab",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --time=720",
+        "#SBATCH --array=0-2%2",
+        "#SBATCH --job-name=vrlab-extract",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "module load cuda",
+    ):
+        assert line in text, line
+    assert written["requeues"] == 5
+
+
+def _common(data_root, tiny_root, out):
+    return [
+        f"paths.data={data_root}",
+        f"registry.encoder_dirs=[{tiny_root / 'cards'}]",
+        f"paths.outputs={out}",
+        f"hydra.sweep.dir={out / 'sweep'}",
+    ]
+
+
+@pytest.mark.slow
+def test_a_submitit_local_sweep_runs_each_point_as_its_own_job(data_root, tiny_root, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [
+            str(VRLAB),
+            "-m",
+            "hydra/launcher=local",
+            "task=extract",
+            "encoder=tiny/clip,tiny/dinov2",
+            "benchmark=synth-folder-test",
+            "extract.num_workers=0",
+            *_common(data_root, tiny_root, out),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    stores = sorted((out / "stores" / "synth-folder-test").iterdir())
+    assert len(stores) == 2 and all(is_complete(s) for s in stores)
+    assert {EmbeddingStore(s).manifest["encoder"] for s in stores} == {
+        "tiny/clip",
+        "tiny/dinov2",
+    }
+    jobs = list((out / "sweep" / ".submitit").glob("*/*_result.pkl"))
+    assert len(jobs) == 2  # two submitit jobs, each in its own process
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory, data_root):
+    from vrlab.demo.tiny_llm import build_llm, default_corpus, llava_texts
+
+    folder = tmp_path_factory.mktemp("llm") / "llama"
+    build_llm(folder, corpus=llava_texts(data_root / "synthetic" / "llava") + default_corpus())
+    return folder
+
+
+def _train_args(data_root, tiny_root, llm_dir, out, *extra):
+    return [
+        "task=train",
+        "stage=1",
+        "train.data=synth-captions",
+        "encoder=tiny/clip",
+        "llm=demo",
+        f"llm.source={llm_dir}",
+        "train.stage1.per_device_train_batch_size=2",
+        "train.stage1.num_train_epochs=60",
+        "train.stage1.lr_scheduler_type=constant",
+        "train.stage1.save_steps=10",
+        "train.stage1.save_total_limit=1",
+        "+train.stage1.disable_tqdm=true",
+        *_common(data_root, tiny_root, out),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_a_killed_training_job_continues_where_it_stopped(data_root, tiny_root, llm_dir, tmp_path):
+    """A submitit_local job is killed after its first checkpoint; the same sweep again lands in the same run
+    folder, continues from that checkpoint (train.resume=auto) and ends with the uninterrupted run's losses."""
+    out = tmp_path / "out"
+    sweep = [str(VRLAB), "-m", "hydra/launcher=local", *_train_args(data_root, tiny_root, llm_dir, out)]
+    job = subprocess.Popen(
+        sweep, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    checkpoints: list[Path] = []
+    while not checkpoints and time.monotonic() < deadline and job.poll() is None:
+        checkpoints = list((out / "train").glob("stage1/*/trainer/checkpoint-*/trainer_state.json"))
+        time.sleep(0.05)
+    assert checkpoints, job.communicate(timeout=60)[1].decode()[-3000:]
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and its job process
+    job.wait(timeout=60)
+    (folder,) = (out / "train" / "stage1").iterdir()
+    assert not (folder / "train_result.json").exists()  # killed mid-training
+    rerun = subprocess.run(sweep, env=env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "continuing from" in rerun.stdout + rerun.stderr + _logs(out)
+    resumed = json.loads((folder / "train_result.json").read_text())
+    whole = subprocess.run(
+        [
+            str(VRLAB),
+            *_train_args(data_root, tiny_root, llm_dir, tmp_path / "whole", f"train.out={tmp_path / 'w'}"),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    uninterrupted = json.loads((tmp_path / "w" / "train_result.json").read_text())
+    assert resumed["steps"] == uninterrupted["steps"] == 180
+    np.testing.assert_allclose(resumed["losses"], uninterrupted["losses"], rtol=1e-4)
+
+
+def _logs(out: Path) -> str:
+    """vrlab's log files and the submitit jobs' captured output."""
+    files = [p for p in out.rglob("*") if p.is_file() and (p.suffix == ".log" or "_log." in p.name)]
+    return "".join(p.read_text(errors="replace") for p in files)
