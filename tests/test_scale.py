@@ -189,3 +189,38 @@ def _logs(out: Path) -> str:
     """vrlab's log files and the submitit jobs' captured output."""
     files = [p for p in out.rglob("*") if p.is_file() and (p.suffix == ".log" or "_log." in p.name)]
     return "".join(p.read_text(errors="replace") for p in files)
+
+
+@pytest.mark.slow
+def test_two_process_training_follows_the_one_process_loss_curve(data_root, tiny_root, llm_dir, tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo) with half the per-device batch: the same global batch,
+    the same samples per step, so the same losses (the loss averages over the global batch's label tokens)."""
+
+    def args(out, per_device):
+        return [
+            *_train_args(data_root, tiny_root, llm_dir, tmp_path / "out", f"train.out={out}"),
+            f"train.stage1.per_device_train_batch_size={per_device}",
+            "train.stage1.num_train_epochs=4",
+            "+train.stage1.save_strategy=no",
+        ]
+
+    one = subprocess.run(
+        [str(VRLAB), *args(tmp_path / "one", 2)], env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    # `--multi_gpu` is accelerate's torchrun launcher; without a GPU the processes join over gloo on the CPU
+    # (`--cpu` would start a single process)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run(
+        [*launch, "-m", "vrlab.cli", *args(tmp_path / "two", 1)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "train_result.json").read_text())
+    b = json.loads((tmp_path / "two" / "train_result.json").read_text())
+    assert a["steps"] == b["steps"] == 12
+    np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-4)

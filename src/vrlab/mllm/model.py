@@ -30,6 +30,7 @@ from vrlab.data.images import pad_to_square
 from vrlab.encoders.factory import encoder_from_dict, load_encoder
 from vrlab.errors import ShapeError, VrlabError
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN
+from vrlab.mllm.text_tower import load_text_tower
 from vrlab.mllm.tower import save_tower
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,12 @@ def load_llm(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, A
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer))
     return llm, tokenizer
+
+
+def _takes_kwargs(fn: Any) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
 
 
 def _hidden_size(llm: nn.Module) -> int:
@@ -116,7 +123,7 @@ class VisionLanguageModel(nn.Module):
         adapter_cfg.update(in_dim=enc.dim, out_dim=_hidden_size(lm), encoder=enc.name, llm=llm)
         guide_model = guide_tokenizer = None
         if adapter_cfg.get("type") == "tg":
-            guide_model, guide_tokenizer = _load_text_tower(text_tower)
+            guide_model, guide_tokenizer = load_text_tower(text_tower)
             adapter_cfg.update(num_tokens=enc.num_tokens, text_dim=int(guide_model.config.hidden_size))
         config = {
             "encoder": enc.card.to_dict(),
@@ -167,7 +174,7 @@ class VisionLanguageModel(nn.Module):
             )
         guide_model = guide_tokenizer = None
         if adapter_cfg["type"] == "tg":
-            guide_model, guide_tokenizer = _load_text_tower(text_tower)
+            guide_model, guide_tokenizer = load_text_tower(text_tower)
         vlm_config = {
             "encoder": enc.card.to_dict(),
             "llm": source,
@@ -300,11 +307,19 @@ class VisionLanguageModel(nn.Module):
         guide_ids: torch.Tensor | None = None,
         guide_mask: torch.Tensor | None = None,
         decoder_labels: torch.Tensor | None = None,
+        **loss_kwargs: Any,
     ) -> Any:
+        """The LLM's forward on the spliced embeddings. `loss_kwargs` (the Trainer's `num_items_in_batch`) reach
+        an LLM that takes them, so the loss averages over every label token of the global batch, across
+        gradient accumulation and processes alike: N processes give the loss curve of one with the same
+        global batch."""
         embeds = self.embed(input_ids, pixel_values, has_image, guide_ids, guide_mask)
+        extra = loss_kwargs if loss_kwargs and _takes_kwargs(self.llm.forward) else {}
         if self.is_seq2seq:
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=decoder_labels)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+            return self.llm(
+                inputs_embeds=embeds, attention_mask=attention_mask, labels=decoder_labels, **extra
+            )
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
 
     @torch.inference_mode()
     def generate(
@@ -363,7 +378,7 @@ class VisionLanguageModel(nn.Module):
         adapter, _ = load_adapter(path / "adapter", expect_in_dim=encoder.dim, encoder=encoder.name)
         guide_model = guide_tokenizer = None
         if config["adapter"]["type"] == "tg":
-            guide_model, guide_tokenizer = _load_text_tower(config.get("text_tower"))
+            guide_model, guide_tokenizer = load_text_tower(config.get("text_tower"))
         return cls(encoder, adapter, llm, tokenizer, config, guide_model, guide_tokenizer).eval()
 
 
@@ -378,37 +393,3 @@ def _local_sources(card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     if card.get("members"):
         card["members"] = [_local_sources(m, folder) for m in card["members"]]
     return card
-
-
-# model_type of a checkpoint -> the text-only class TG-LLaVA's guide loads from it (full checkpoints too).
-TEXT_TOWERS = {
-    "clip": "CLIPTextModel",
-    "clip_text_model": "CLIPTextModel",
-    "siglip": "SiglipTextModel",
-    "siglip_text_model": "SiglipTextModel",
-    "siglip2": "Siglip2TextModel",
-    "siglip2_text_model": "Siglip2TextModel",
-}
-
-
-def _load_text_tower(spec: Mapping[str, Any] | None) -> tuple[nn.Module, Any]:
-    """The text tower TG-LLaVA guides with: `{source, model_subfolder?, tokenizer_subfolder?}`, a CLIP, SigLIP
-    or SigLIP 2 checkpoint (its pooled output guides; its width is read from the model)."""
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
-    if not spec or not spec.get("source"):
-        raise VrlabError(
-            "adapter=tg needs adapter.text_tower.source (a CLIP or SigLIP checkpoint, e.g. "
-            "openai/clip-vit-large-patch14-336 or google/siglip-so400m-patch14-384)"
-        )
-    subfolder = spec.get("model_subfolder") or ""
-    kind = AutoConfig.from_pretrained(spec["source"], subfolder=subfolder).model_type
-    if kind not in TEXT_TOWERS:
-        raise VrlabError(
-            f"text tower '{spec['source']}' is a {kind} model; TG-LLaVA's guide takes CLIP, SigLIP or SigLIP 2 "
-            f"text towers ({sorted(TEXT_TOWERS)})"
-        )
-    model = getattr(transformers, TEXT_TOWERS[kind]).from_pretrained(spec["source"], subfolder=subfolder)
-    tokenizer = AutoTokenizer.from_pretrained(spec["source"], subfolder=spec.get("tokenizer_subfolder") or "")
-    return model.eval(), tokenizer
