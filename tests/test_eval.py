@@ -381,3 +381,41 @@ def test_every_kind_of_model_answers_and_scores(tiny_root, env, tmp_path, encode
     nll = [r.text[0] for r in batched.loglikelihood(ll)]
     assert np.allclose(nll, [r.text[0] for r in single.loglikelihood(ll)], atol=1e-4)
     assert all(math.isfinite(x) for x in nll)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_give_the_scores_of_one_process(checkpoint, env, tmp_path):
+    """Each rank answers its share of the requests, rank 0 gathers them (gloo) and alone writes the results."""
+    args = [
+        "task=eval",
+        f"checkpoint={checkpoint}",
+        "eval.tasks=[synth_vqa,synth_mc]",
+        "eval.batch_size=2",
+        f"paths.data={env}",
+        f"paths.outputs={tmp_path / 'outputs'}",
+    ]
+    vrlab = Path(sys.executable).parent / "vrlab"
+    one = subprocess.run(
+        [str(vrlab), *args, f"eval.out={tmp_path / 'one'}"], capture_output=True, text=True, timeout=300
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*torchrun, "-m", "vrlab.cli", *args, f"eval.out={tmp_path / 'two'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    # rank 1 got no results from lmms-eval (it answered its share only) and reported nothing
+    assert (two.stdout + two.stderr).count("eval results ->") == 1
+    a, b = (json.loads((tmp_path / k / "eval.json").read_text()) for k in ("one", "two"))
+    assert scores(a) == scores(b) and set(scores(b)) == {"synth_vqa", "synth_mc"}
+    for task in ("synth_vqa", "synth_mc"):
+        assert (
+            b["tasks"][task]["results"][task]["n_samples"]
+            == a["tasks"][task]["results"][task]["n_samples"]
+            == 8
+        )
+        lines = (tmp_path / "two" / "tasks" / task / "samples.jsonl").read_text().splitlines()
+        assert len(lines) == 8

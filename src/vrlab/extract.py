@@ -12,7 +12,6 @@ rank extracts a contiguous slice of shards; rank 0 completes the manifest once e
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from vrlab.data.loaders import Item
 from vrlab.encoders.base import VisionEncoder, autocast_context, check_finite, collate_pixels, move_pixels
 from vrlab.errors import ImageDecodeError, VrlabError
 from vrlab.fingerprint import card_fingerprint, items_fingerprint
-from vrlab.runtime import resolve_device, slug, to_plain
+from vrlab.runtime import distributed_context, rank_device, resolve_device, slug, to_plain
 from vrlab.settings import check_count
 from vrlab.store import EmbeddingStore, StoreWriter, store_key
 
@@ -70,11 +69,6 @@ def collate(batch: Sequence[tuple[int, Any, str | None]]) -> tuple[torch.Tensor,
     errors = [e for _, p, e in batch if p is None and e]
     pixels = collate_pixels([p for _, p in good]) if good else None
     return torch.tensor([i for i, _ in good], dtype=torch.long), pixels, bad, errors
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun / accelerate environment variables."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def rank_shards(num_shards: int, rank: int, world: int) -> list[int]:
@@ -277,9 +271,7 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
 
     r = request
     rank, world = distributed_context() if distributed else (0, 1)
-    device = resolve_device(r.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = rank_device(resolve_device(r.device)) if distributed else resolve_device(r.device)
     registry = to_plain(r.registry)
     benchmark = load_benchmark(r.benchmark, r.data_root, registry, to_plain(r.benchmark_args))
     encoder = (

@@ -160,3 +160,18 @@ def training_arguments(out_dir: str | Path, args: Mapping[str, Any], **defaults:
         **defaults,
     }
     return TrainingArguments(**{**base, **dict(args)})
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) from torchrun / accelerate environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank_device(device: Any) -> Any:
+    """A CUDA device made this process's own under torchrun / accelerate (`cuda:<LOCAL_RANK>`)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and distributed_context()[1] > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device

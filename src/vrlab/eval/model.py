@@ -23,7 +23,7 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from vrlab.errors import VrlabError
-from vrlab.runtime import resolve_device
+from vrlab.runtime import rank_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class VrlabLMM(lmms):
             self.batch_size_per_gpu = max(1, int(batch_size))
         except (TypeError, ValueError) as exc:
             raise VrlabError(f"batch_size={batch_size!r} must be a positive integer") from exc
-        self.vlm = model.to(resolve_device(device or "auto")).eval()
+        self.vlm = model.to(rank_device(resolve_device(device or "auto"))).eval()  # one GPU per rank
         self.aspect, self.max_new_tokens = image_aspect_ratio, int(max_new_tokens)
 
     # lmms-eval's harness reads these

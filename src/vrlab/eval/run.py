@@ -27,7 +27,7 @@ from typing import Any
 
 from vrlab.errors import VrlabError
 from vrlab.resources import builtin_dir
-from vrlab.runtime import atomic_write_bytes, atomic_write_json
+from vrlab.runtime import atomic_write_bytes, atomic_write_json, distributed_context
 
 log = logging.getLogger(__name__)
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "pandas", "arrow", "imagefolder", "audiofolder")
@@ -180,10 +180,12 @@ def _sample_record(sample: dict[str, Any], metrics: Sequence[str]) -> dict[str, 
 
 def run_task(
     model: Any, manager: Any, task: str, folder: Path, limit: int | None, gen_kwargs: str | None
-) -> dict[str, Any]:
-    """One task through `simple_evaluate`; writes samples then result.json (the finished marker)."""
+) -> dict[str, Any] | None:
+    """One task through `simple_evaluate`; writes samples then result.json (the finished marker). Under
+    torchrun every rank runs it and rank 0 writes; the other ranks get None."""
     from lmms_eval.evaluator import simple_evaluate
 
+    rank, world = distributed_context()
     start = time.perf_counter()
     res = simple_evaluate(
         model=model,
@@ -194,8 +196,12 @@ def run_task(
         log_samples=True,
         gen_kwargs=gen_kwargs or None,
         verbosity="ERROR",
+        # under torchrun each rank takes its share of the requests and rank 0 gathers them (over gloo on CPUs)
+        distributed_executor_backend="torchrun" if world > 1 else "accelerate",
     )
     seconds = time.perf_counter() - start
+    if res is None and rank > 0:
+        return None  # rank 0 holds the results and writes them
     if res is None:
         raise VrlabError(f"lmms-eval returned no results for task '{task}'")
     higher = res.get("higher_is_better", {})
@@ -257,21 +263,27 @@ def evaluate(
     manager = task_manager(tasks, include)
     check_datasets(manager, tasks)
     summary: dict[str, Any] = {**(header or {}), "limit": limit, "gen_kwargs": gen_kwargs, "tasks": {}}
+    rank = distributed_context()[0]
+    # decided once, before any rank writes, so that every rank runs the same tasks
+    finished = {t for t in tasks if (out / "tasks" / t / "result.json").exists()}
     model = None
     for task in tasks:
         folder = out / "tasks" / task
-        done = folder / "result.json"
-        if done.exists():
+        if task in finished:
             log.info("eval: %s already finished in %s; skipped", task, folder)
-            summary["tasks"][task] = json.loads(done.read_text())
+            summary["tasks"][task] = json.loads((folder / "result.json").read_text())
         else:
             if model is None:
                 model = model_factory()
             log.info("eval: %s (limit %s) ...", task, limit)
-            summary["tasks"][task] = run_task(model, manager, task, folder, limit, gen_kwargs)
+            record = run_task(model, manager, task, folder, limit, gen_kwargs)
+            if record is None:  # not rank 0
+                continue
+            summary["tasks"][task] = record
         summary["lmms_eval_version"] = summary["tasks"][task].get("lmms_eval_version")
-        atomic_write_json(out / "eval.json", summary)
-    return summary
+        if rank == 0:
+            atomic_write_json(out / "eval.json", summary)
+    return summary if rank == 0 else {"rank": rank, "tasks": {}}
 
 
 def scores(summary: dict[str, Any]) -> dict[str, float]:

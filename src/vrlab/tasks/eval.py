@@ -86,6 +86,8 @@ def eval_task(cfg: Any) -> dict[str, Any]:
         header=header,
         data=cfg.paths.data,
     )
+    if "rank" in summary:  # a rank other than 0 of a torchrun evaluation: rank 0 reports
+        return summary
     print_table(summary, f"{representation}: {out}")
     log.info("eval results -> %s", out / "eval.json")
     return {"output": str(out / "eval.json"), **summary}

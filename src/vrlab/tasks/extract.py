@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from vrlab.extract import distributed_context, run_extraction
-from vrlab.runtime import seed_everything
+from vrlab.extract import run_extraction
+from vrlab.runtime import distributed_context, seed_everything
 from vrlab.tasks.config import extraction_request
 
 
