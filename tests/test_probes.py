@@ -1,6 +1,11 @@
 """LMVR probes: metrics and the linear probe against scikit-learn, hidden-state aggregation against a direct
 computation, before/after consistency, attention maps, and the probe task with domain shift and corruptions."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +252,55 @@ def test_probe_task_components_domain_shift_and_robustness(compose_cfg, vlm, dat
     assert set(robust["robustness"]["per_category"]) == {"noise", "blur", "weather", "digital"}
     table = run_task(compose_cfg("task=probe_table", *common))
     assert table["rows"] == 5
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_write_the_lmvr_stores_of_one_process(vlm, data_root, tiny_root, tmp_path):
+    """Each rank generates for its slice of shards; rank 0 completes the three stores and the responses."""
+    from vrlab.store import EmbeddingStore
+
+    ckpt = vlm.save_pretrained(tmp_path / "model")
+    args = [
+        "task=lmvr_features",
+        f"checkpoint={ckpt}",
+        "benchmark=synth-folder-test",
+        f"paths.data={data_root}",
+        "lmvr.max_new_tokens=3",
+        "lmvr.layers=[-1]",
+        "lmvr.batch_size=2",
+        "lmvr.shard_size=4",
+    ]
+    vrlab = Path(sys.executable).parent / "vrlab"
+    env = dict(os.environ) | {"OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launch in (
+        ("one", [str(vrlab)]),
+        (
+            "two",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "vrlab.cli",
+            ],
+        ),
+    ):
+        proc = subprocess.run(
+            [*launch, *args, f"paths.outputs={tmp_path / name}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        (runs[name],) = (tmp_path / name / "lmvr").glob("*/*")
+    for kind in ("llm", "encoder", "adapter"):
+        a, b = EmbeddingStore(runs["one"] / kind), EmbeddingStore(runs["two"] / kind)
+        assert a.ids == b.ids and len(a) == 12 and b.manifest["num_shards"] == 3
+        assert torch.allclose(a.load(), b.load(), atol=1e-5) and a.manifest["rows"] == b.manifest["rows"]
+    responses = EmbeddingStore(runs["two"] / "llm").manifest["responses"]
+    assert responses == EmbeddingStore(runs["one"] / "llm").manifest["responses"] and len(responses) == 12

@@ -50,6 +50,7 @@ LIMITS: dict[str, tuple[int, bool]] = {
     "retrieval.num_workers": (0, False),
     "lmvr.max_new_tokens": (1, False),
     "lmvr.batch_size": (1, False),
+    "lmvr.shard_size": (1, False),
     "features.batch_size": (1, False),
     "features.limit": (1, True),
     "probe_perf.samples": (10, False),

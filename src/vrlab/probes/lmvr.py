@@ -14,6 +14,7 @@ encoder has one) and `adapter` rows (mean-pooled adapter outputs).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from vrlab.data.images import decode_image
 from vrlab.errors import VrlabError
 from vrlab.mllm.data import generation_batch
-from vrlab.store import EmbeddingStore, StoreWriter
+from vrlab.store import EmbeddingStore, StoreWriter, is_complete
 
 log = logging.getLogger(__name__)
 TOKEN_SETS = ("all", "image", "prompt", "generated", "last")
@@ -171,21 +172,35 @@ def write_lmvr_stores(
     max_new_tokens: int,
     batch_size: int = 8,
     shard_size: int = 256,
-) -> dict[str, EmbeddingStore]:
-    """Run the MLLM over `items` once and write three stores (llm, encoder, adapter) under `out`."""
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, EmbeddingStore] | None:
+    """Run the MLLM over `items` once and write three stores (llm, encoder, adapter) under `out`.
+
+    Under torchrun each rank takes a contiguous slice of shards (as extraction does) and rank 0 completes the
+    stores once every rank is done; the others return None. Each shard's generated responses and the row names
+    are kept beside the stores (`parts/`), so a resumed or multi-rank run loses none of them."""
     from tqdm import tqdm
+
+    from vrlab.extract import rank_shards
+    from vrlab.runtime import atomic_write_json
 
     ids = [it.id for it in items]
     kinds = ("llm", "encoder", "adapter")
+    parts = out / "parts"
     writers = {k: StoreWriter(out / k, {**settings, "kind": k}, ids, shard_size) for k in kinds}
-    names: dict[str, list[str]] = {}
-    texts: dict[str, str] = {}
-    for shard in range(writers["llm"].num_shards):
+    for shard in rank_shards(writers["llm"].num_shards, rank, world):
         if all(w.done(shard) for w in writers.values()):
             continue
         rng = writers["llm"].shard_range(shard)
         acc: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
-        for start in tqdm(range(rng.start, rng.stop, batch_size), desc=f"lmvr shard {shard}", unit="batch"):
+        texts: dict[str, str] = {}
+        for start in tqdm(
+            range(rng.start, rng.stop, batch_size),
+            desc=f"lmvr shard {shard}",
+            unit="batch",
+            disable=rank != 0,
+        ):
             chunk = items[start : min(start + batch_size, rng.stop)]
             res = lmvr_batch(
                 model,
@@ -201,13 +216,22 @@ def write_lmvr_stores(
                 acc[k].append(res[k].cpu())
             names = {"llm": res["names"], "encoder": res["encoder_names"], "adapter": ["adapter/mean"]}
             texts.update(zip([it.id for it in chunk], res["texts"], strict=True))
+        # the side files first: a shard that counts as done has its responses and names on disk
+        atomic_write_json(parts / f"responses-{shard:05d}.json", texts)
+        atomic_write_json(parts / "rows.json", names)
         index = torch.tensor(list(rng))
         for k in kinds:
             writers[k].write_shard(shard, index, torch.cat(acc[k]), None)
-    if not names:  # every shard was already done: the names are in the manifests
-        names = {
-            k: EmbeddingStore(out / k).manifest.get("rows", [])
-            for k in kinds
-            if (out / k / "manifest.json").exists()
-        }
-    return {k: writers[k].finalize({"rows": names.get(k, []), "responses": texts}) for k in kinds}
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        for w in writers.values():
+            w.close()
+        return None
+    names = json.loads((parts / "rows.json").read_text()) if (parts / "rows.json").exists() else {}
+    if not names:  # stores completed before the side files existed: the names are in their manifests
+        names = {k: EmbeddingStore(out / k).manifest.get("rows", []) for k in kinds if is_complete(out / k)}
+    responses: dict[str, str] = {}
+    for file in sorted(parts.glob("responses-*.json")):
+        responses.update(json.loads(file.read_text()))
+    return {k: writers[k].finalize({"rows": names.get(k, []), "responses": responses}) for k in kinds}

@@ -25,6 +25,8 @@ from vrlab.report import markdown_table
 from vrlab.runtime import (
     atomic_write_bytes,
     atomic_write_json,
+    distributed_context,
+    rank_device,
     resolve_device,
     run_dir,
     seed_everything,
@@ -37,8 +39,11 @@ from vrlab.tasks.config import benchmark_from_cfg, model_checkpoint
 log = logging.getLogger(__name__)
 
 
-def lmvr_stores(cfg: Any, benchmark: Any, model: Any = None) -> tuple[Path, dict[str, EmbeddingStore]]:
-    """The three stores of `benchmark` for `cfg.checkpoint` and `cfg.lmvr`, computed once (keyed by settings)."""
+def lmvr_stores(
+    cfg: Any, benchmark: Any, model: Any = None, rank: int = 0, world: int = 1
+) -> tuple[Path, dict[str, EmbeddingStore] | None]:
+    """The three stores of `benchmark` for `cfg.checkpoint` and `cfg.lmvr`, computed once (keyed by settings);
+    with `world` > 1, this rank's slice of them (rank 0 completes them and gets them; the others get None)."""
     checkpoint = model_checkpoint(cfg, "lmvr_features")
     lcfg = cfg.lmvr
     options = {
@@ -59,21 +64,43 @@ def lmvr_stores(cfg: Any, benchmark: Any, model: Any = None) -> tuple[Path, dict
             "images": items_fingerprint([it.path for it in benchmark.items]),
         },
     }
+    shard_size = int(lcfg.get("shard_size") or 256)
+    if shard_size != 256:  # only then, so the folders of the default keep their names
+        settings["shard_size"] = shard_size
     out = run_dir(cfg.paths.outputs, f"lmvr/{slug(benchmark.card.name)}", checkpoint.name, settings)
     kinds = ("llm", "encoder", "adapter")
     if not all(is_complete(out / k) for k in kinds):
-        model = model or VisionLanguageModel.from_pretrained(checkpoint).to(resolve_device(cfg.device)).eval()
+        device = rank_device(resolve_device(cfg.device))
+        model = model or VisionLanguageModel.from_pretrained(checkpoint).to(device).eval()
         return out, write_lmvr_stores(
-            model, benchmark.items, out, settings, batch_size=lcfg.batch_size, **options
+            model,
+            benchmark.items,
+            out,
+            settings,
+            batch_size=lcfg.batch_size,
+            shard_size=shard_size,
+            rank=rank,
+            world=world,
+            **options,
         )
     return out, {k: EmbeddingStore(out / k) for k in kinds}
 
 
 def lmvr_features_task(cfg: Any) -> dict[str, Any]:
-    """`vrlab task=lmvr_features checkpoint=<stage-2 model> benchmark=<images>`: features into three stores."""
+    """`vrlab task=lmvr_features checkpoint=<stage-2 model> benchmark=<images>`: features into three stores
+    (under torchrun or accelerate launch, each rank a slice of the images)."""
     seed_everything(cfg.seed)
     bench = benchmark_from_cfg(cfg)
-    out, stores = lmvr_stores(cfg, bench)
+    rank, world = distributed_context()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        out, stores = lmvr_stores(cfg, bench, rank=rank, world=world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if stores is None:
+        return {"rank": rank, "folder": str(out)}
     rows = stores["llm"].manifest["rows"]
     log.info("LMVR features of %d images -> %s (%d LLM rows)", len(bench), out, len(rows))
     return {"folder": str(out), "rows": rows}
