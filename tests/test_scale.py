@@ -224,3 +224,89 @@ def test_two_process_training_follows_the_one_process_loss_curve(data_root, tiny
     b = json.loads((tmp_path / "two" / "train_result.json").read_text())
     assert a["steps"] == b["steps"] == 12
     np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-4)
+
+
+# --- data at scale: WebDataset tar shards --------------------------------------------------------------
+def _write_shards(data_root, folder, per_shard=4):
+    """The folder benchmark's images as WebDataset shards (webdataset's own TarWriter), with labels and
+    captions, and one metadata-only sample; returns {key: the image's folder item}."""
+    import webdataset as wds
+
+    from vrlab.data.benchmarks import load_benchmark
+
+    items = load_benchmark("synth-folder-test", data_root).items
+    folder.mkdir(parents=True)
+    keys = {}
+    for s in range(0, len(items), per_shard):
+        with wds.TarWriter(str(folder / f"wds-{s // per_shard:06d}.tar")) as sink:
+            for i, item in enumerate(items[s : s + per_shard], start=s):
+                key = f"{i:09d}"
+                sink.write(
+                    {
+                        "__key__": key,
+                        "png": Path(item.path).read_bytes(),
+                        "cls": item.label,
+                        "txt": f"image {i}",
+                    }
+                )
+                keys[key] = item
+            if s == 0:
+                sink.write({"__key__": "meta-only", "json": {"note": "no image"}})
+    return keys
+
+
+def test_webdataset_shards_extract_like_the_unpacked_images(
+    compose_cfg, data_root, tiny_root, tmp_path, monkeypatch
+):
+    from vrlab.cli import run_task
+
+    keys = _write_shards(data_root, tmp_path / "wds")
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "wds-test.yaml").write_text(
+        "name: wds-test\ntask: classification\nmetric: accuracy\n"
+        f"_target_: vrlab.data.webdataset.WebDatasetLoader\nroot: {tmp_path / 'wds'}\n"
+        "shards: 'wds-{000000..000002}.tar'\n"
+    )
+    common = [
+        f"paths.data={data_root}",
+        f"registry.encoder_dirs=[{tiny_root / 'cards'}]",
+        f"registry.benchmark_dirs=[{cards}]",
+        "encoder=tiny/clip",
+        "extract.num_workers=2",  # the members are read in DataLoader workers, as images are
+        "extract.shard_size=5",
+    ]
+    wds_out = run_task(compose_cfg("task=extract", "benchmark=wds-test", *common))
+    folder_out = run_task(compose_cfg("task=extract", "benchmark=synth-folder-test", *common))
+    calls = []
+    from vrlab.store import reader
+
+    opened = reader.EmbeddingStore._open
+    monkeypatch.setattr(reader.EmbeddingStore, "_open", lambda self, s: calls.append(s) or opened(self, s))
+    wds_store, folder_store = EmbeddingStore(wds_out["path"]), EmbeddingStore(folder_out["path"])
+    assert calls == []  # opening a store reads its manifest (one entry per shard), no shard
+    assert wds_store.ids == sorted(keys) and wds_store.manifest["num_shards"] == 3
+    for key, item in keys.items():
+        assert np.array_equal(wds_store.tokens(key).numpy(), folder_store.tokens(item.id).numpy())
+    from vrlab.data.webdataset import WebDatasetLoader
+
+    loader = WebDatasetLoader(tmp_path / "wds", "wds-{000000..000002}.tar")
+    assert [it.label for it in loader.items] == [keys[k].label for k in sorted(keys)]
+    assert loader.items[0].meta["caption"] == "image 0" and str(loader.items[0].path).endswith(
+        "#000000000.png"
+    )
+
+
+def test_webdataset_faults_are_named(data_root, tmp_path):
+    from vrlab.data.images import decode_image
+    from vrlab.data.webdataset import WebDatasetLoader
+    from vrlab.errors import ImageDecodeError, VrlabError
+
+    _write_shards(data_root, tmp_path / "wds")
+    with pytest.raises(VrlabError, match=r"1 of 4 WebDataset shards do not exist, e.g. .*wds-000003.tar"):
+        WebDatasetLoader(tmp_path / "wds", "wds-{000000..000003}.tar")
+    loader = WebDatasetLoader(tmp_path / "wds", "wds-000002.tar")
+    shard = tmp_path / "wds" / "wds-000002.tar"
+    shard.write_bytes(shard.read_bytes()[: loader.items[-1].path.offset + 10])  # cut inside the last image
+    with pytest.raises(ImageDecodeError, match="wds-000002.tar#000000011.png"):
+        decode_image(loader.items[-1].path)

@@ -38,7 +38,11 @@ BUILTIN_TARGETS = {
             "ImageListLoader",
         )
     }
-    | {"vrlab.eval.docs.LmmsTaskLoader", "vrlab.data.captions.CaptionLoader"},
+    | {
+        "vrlab.eval.docs.LmmsTaskLoader",
+        "vrlab.data.captions.CaptionLoader",
+        "vrlab.data.webdataset.WebDatasetLoader",
+    },
 }
 ENTRY_POINT_GROUPS = {"encoder": "vrlab.backends", "benchmark": "vrlab.loaders"}
 BASE_CLASSES = {"encoder": "vrlab.encoders.base.VisionEncoder", "benchmark": "vrlab.data.loaders.Loader"}

@@ -81,7 +81,9 @@ def decode_image(
     needs) lets a JPEG decode at a reduced scale that still has at least that many pixels on its longest
     side; by default every image decodes at full resolution.
     """
-    path = Path(path)
+    # an image inside a tar shard (vrlab.data.webdataset.TarMember) reads its own bytes; messages name it
+    member = path.open if hasattr(path, "member") else None
+    path = path if member else Path(path)
     if reduce_to is not None and (
         isinstance(reduce_to, bool) or not isinstance(reduce_to, int) or reduce_to < 1
     ):
@@ -95,7 +97,7 @@ def decode_image(
             # the setting works; without one, PIL's warning is the refusal.
             action = "ignore" if max_pixels is not None else "error"
             warnings.simplefilter(action, Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(member() if member else path) as im:
                 w, h = im.size
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageDecodeError(

@@ -116,7 +116,7 @@ class Loader:
         seen: dict[str, Path] = {}
         for item in self.items:
             first = seen.setdefault(item.id, item.path)
-            if first is not item.path and Path(first) != Path(item.path):
+            if first is not item.path and str(first) != str(item.path):  # str: tar members too
                 raise VrlabError(
                     f"two images share the item id '{item.id}': {first} and {item.path}; rename one of them"
                 )
