@@ -15,6 +15,8 @@ LAW_DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva0
 # The law paper's 13 representations (law.md §1); CLIP336+DINOv2 runs DINOv2 at 336 px.
 LAW_ENCODERS ?= clip336,clip224,openclip-l,dinov2-l,siglip-b,sdim,sd1.5,sd2.1,sdxl,dit,sd3,clip224.dinov2-l,clip336.dinov2-l-336
 ADAPTERS ?= checkpoints/stage1
+# extra overrides of every sweep of law-ac and law-paper, e.g. SWEEP="hydra/launcher=slurm hydra.launcher.partition=gpu"
+SWEEP ?=
 ENCODERS ?= $(LAW_ENCODERS)
 # stage 1 also for the two A references (CLIP-224 and CLIP-336), once each
 PAPER_TRAIN = $(shell echo $(ENCODERS),clip224,clip336 | tr ',' '\n' | awk '!seen[$$0]++' | paste -sd, -)
@@ -103,18 +105,18 @@ perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in ou
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)
 
 law-ac: install ## the law paper's C (SPair-71k) and A, both protocols (stage-1 checkpoints in ADAPTERS), for its 15 settings
-	$(VRLAB) -m task=correspondence experiment=law_ac
-	VRLAB_ADAPTERS=$(ADAPTERS) $(VRLAB) -m task=alignment experiment=law_ac alignment.protocol=reference_cosine,caption_likelihood
+	$(VRLAB) -m $(SWEEP) task=correspondence experiment=law_ac
+	VRLAB_ADAPTERS=$(ADAPTERS) $(VRLAB) -m $(SWEEP) task=alignment experiment=law_ac alignment.protocol=reference_cosine,caption_likelihood
 	$(VRLAB) task=law_table law.protocol=law law.alignment_protocol=reference_cosine 'law.out=$${paths.outputs}/law/table_reference_cosine.csv'
 	$(VRLAB) task=law_table law.protocol=law law.alignment_protocol=caption_likelihood 'law.out=$${paths.outputs}/law/table_caption_likelihood.csv'
 
 law-paper: install ## the Law paper's whole pipeline for ENCODERS (default its 13) on real data; resumable
-	$(VRLAB) -m task=train stage=1 train.data=llava-558k experiment=law_paper encoder=$(PAPER_TRAIN)
-	$(VRLAB) -m task=train stage=2 train.data=llava-665k experiment=law_paper encoder=$(ENCODERS) \
+	$(VRLAB) -m $(SWEEP) task=train stage=1 train.data=llava-558k experiment=law_paper encoder=$(PAPER_TRAIN)
+	$(VRLAB) -m $(SWEEP) task=train stage=2 train.data=llava-665k experiment=law_paper encoder=$(ENCODERS) \
 		'train.init_from=$${runs}/stage1/$${encoder}/adapter'
-	$(VRLAB) -m task=eval experiment=law_paper encoder=$(ENCODERS)
-	$(VRLAB) -m task=alignment experiment=law_paper encoder=$(ENCODERS)
-	$(VRLAB) -m task=correspondence experiment=law_paper encoder=$(ENCODERS)
+	$(VRLAB) -m $(SWEEP) task=eval experiment=law_paper encoder=$(ENCODERS)
+	$(VRLAB) -m $(SWEEP) task=alignment experiment=law_paper encoder=$(ENCODERS)
+	$(VRLAB) -m $(SWEEP) task=correspondence experiment=law_paper encoder=$(ENCODERS)
 	$(VRLAB) task=law_table experiment=law_paper
 	$(VRLAB) task=law_fit experiment=law_paper
 	$(VRLAB) task=law_policy experiment=law_paper

@@ -310,3 +310,28 @@ def test_webdataset_faults_are_named(data_root, tmp_path):
     shard.write_bytes(shard.read_bytes()[: loader.items[-1].path.offset + 10])  # cut inside the last image
     with pytest.raises(ImageDecodeError, match="wds-000002.tar#000000011.png"):
         decode_image(loader.items[-1].path)
+
+
+def test_a_multi_task_slurm_job_becomes_torchrun_ranks(monkeypatch):
+    from vrlab.runtime import adopt_slurm_ranks, distributed_context
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not adopt_slurm_ranks()  # not in a SLURM job: nothing changes
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "5",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "gpu-node07",
+        "SLURM_STEP_NODELIST": "gpu-node07",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert adopt_slurm_ranks()
+    assert distributed_context() == (5, 8)
+    assert os.environ["LOCAL_RANK"] == "5" and os.environ["MASTER_ADDR"] == "gpu-node07"
+    assert not adopt_slurm_ranks()  # RANK is set now: a second call (or torchrun's own) wins

@@ -106,6 +106,9 @@ def user_error(exc: BaseException) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> object:
+    from vrlab.runtime import adopt_slurm_ranks
+
+    adopt_slurm_ranks()  # a multi-task SLURM job: its tasks become torchrun-style ranks
     verbose = bool(cfg.get("verbose", False))
     if not verbose:
         quiet_libraries()

@@ -175,3 +175,18 @@ def rank_device(device: Any) -> Any:
     if device.type == "cuda" and device.index is None and distributed_context()[1] > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
+
+
+def adopt_slurm_ranks() -> bool:
+    """In a submitit SLURM job with several tasks (`hydra.launcher.tasks_per_node` > 1), export the variables
+    torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, through
+    submitit's own helper, so extraction, training, eval and LMVR features split the job's GPUs as under
+    torchrun. Does nothing elsewhere or when a launcher already set them."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ:
+        return False
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
