@@ -312,7 +312,17 @@ def test_webdataset_faults_are_named(data_root, tmp_path):
         decode_image(loader.items[-1].path)
 
 
-def test_a_multi_task_slurm_job_becomes_torchrun_ranks(monkeypatch):
+@pytest.fixture
+def restored_environ():
+    """os.environ as it was, whatever the test (or submitit's export) set: a RANK left behind would make every
+    later in-process training of this worker wait for a process group."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
+
+
+def test_a_multi_task_slurm_job_becomes_torchrun_ranks(monkeypatch, restored_environ):
     from vrlab.runtime import adopt_slurm_ranks, distributed_context
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
