@@ -345,3 +345,20 @@ def test_a_multi_task_slurm_job_becomes_torchrun_ranks(monkeypatch, restored_env
     assert distributed_context() == (5, 8)
     assert os.environ["LOCAL_RANK"] == "5" and os.environ["MASTER_ADDR"] == "gpu-node07"
     assert not adopt_slurm_ranks()  # RANK is set now: a second call (or torchrun's own) wins
+
+
+def test_auto_resume_takes_only_a_checkpoint_of_the_same_inputs(tmp_path, caplog):
+    from vrlab.mllm.train import STAMP_FILE
+    from vrlab.tasks.train import _resume_from
+
+    assert _resume_from("auto", tmp_path, "abc") is None  # nothing to resume
+    for step, inputs in ((10, "abc"), (20, "xyz")):
+        folder = tmp_path / "trainer" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / STAMP_FILE).write_text(json.dumps({"inputs": inputs}))
+    assert _resume_from("auto", tmp_path, "xyz") == str(tmp_path / "trainer" / "checkpoint-20")
+    assert (
+        _resume_from("auto", tmp_path, "abc") is None and "other inputs" in caplog.text
+    )  # the last is not its own
+    assert _resume_from(None, tmp_path, "xyz") is None
+    assert _resume_from(True, tmp_path, "abc") is True  # as given

@@ -25,7 +25,7 @@ from vrlab.mllm.data import Collator, ConversationDataset
 from vrlab.mllm.inference import generate_answers
 from vrlab.mllm.model import VisionLanguageModel
 from vrlab.mllm.tower import tune_tower
-from vrlab.runtime import training_arguments
+from vrlab.runtime import atomic_write_json, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,22 @@ def set_trainable(
     elif stage != 1:
         raise VrlabError(f"stage={stage} must be 1 (adapter) or 2 (adapter + LLM)")
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+STAMP_FILE = "vrlab_inputs.json"  # in every Trainer checkpoint: what it was trained on
+
+
+class CheckpointStamp(TrainerCallback):
+    """Writes `stamp` (the run's inputs) into every checkpoint folder the Trainer saves, from rank 0, so a later
+    run can tell whether a checkpoint is its own before resuming from it."""
+
+    def __init__(self, stamp: Mapping[str, Any]) -> None:
+        self.stamp = dict(stamp)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            atomic_write_json(folder / STAMP_FILE, self.stamp)
 
 
 class ThroughputLog(TrainerCallback):
@@ -128,8 +144,10 @@ def train(
     resume: str | bool | None = None,
     lora: Mapping[str, Any] | None = None,
     tune: Mapping[str, Any] | None = None,
+    stamp: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one stage; returns losses, throughput and where the result was saved."""
+    """Train one stage; returns losses, throughput and where the result was saved. `stamp` is written into
+    every checkpoint (`STAMP_FILE`)."""
     out_dir = Path(out_dir)
     trainable = set_trainable(model, stage, lora, tune)
     log.info(
@@ -146,7 +164,7 @@ def train(
         args=targs,
         train_dataset=dataset,
         data_collator=CountingCollator(model, meter),
-        callbacks=[meter],
+        callbacks=[meter, *([CheckpointStamp(stamp)] if stamp else [])],
         tower_lr=tuned["learning_rate"] if tuned else None,
     )
     result = trainer.train(resume_from_checkpoint=resume or None)

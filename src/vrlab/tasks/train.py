@@ -12,7 +12,7 @@ from vrlab.data.images import decode_image, list_images
 from vrlab.errors import VrlabError
 from vrlab.mllm.data import ConversationDataset
 from vrlab.mllm.model import VisionLanguageModel
-from vrlab.mllm.train import generate_batch, train
+from vrlab.mllm.train import STAMP_FILE, generate_batch, train
 from vrlab.published import MODEL_FORMATS, detect_format
 from vrlab.runtime import atomic_write_json, config_hash, resolve_device, run_dir, seed_everything, to_plain
 from vrlab.tasks.config import adapter_checkpoint, benchmark_from_cfg, model_checkpoint
@@ -81,29 +81,25 @@ def _inputs_fingerprint(cfg: Any, data: Any) -> str:
     )
 
 
-INPUTS_FILE = "train_inputs.json"  # what the checkpoints in <out>/trainer were trained on
-
-
 def _resume_from(resume: Any, out: Path, inputs: str) -> str | bool | None:
-    """`train.resume`: `auto` continues from the last checkpoint in `<out>/trainer` when the run that wrote it
-    had the same inputs, so a requeued or restarted job picks up where it stopped; null starts over; a folder
-    or true is passed to the Trainer as given."""
+    """`train.resume`: `auto` continues from the last checkpoint in `<out>/trainer` when it records the same
+    inputs (`STAMP_FILE`, written with it), so a requeued or restarted job picks up where it stopped; null
+    starts over; a folder or true is passed to the Trainer as given. Nothing is written here, so every rank
+    of a multi-process run decides alike."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    marker = out / INPUTS_FILE
-    previous = json.loads(marker.read_text()).get("inputs") if marker.exists() else None
-    atomic_write_json(marker, {"inputs": inputs})
     if resume != "auto":
         return resume or None
     trainer_dir = out / "trainer"
     last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
     if last is None:
         return None
-    if previous != inputs:
+    stamp = Path(last) / STAMP_FILE
+    if not stamp.is_file() or json.loads(stamp.read_text()).get("inputs") != inputs:
         log.warning(
-            "%s holds checkpoints of a run with other inputs: training from the start (train.resume=%s to "
-            "continue from one anyway)",
-            trainer_dir,
+            "%s is a checkpoint of a run with other inputs: training from the start (train.resume=%s to "
+            "continue from it anyway)",
+            last,
             last,
         )
         return None
@@ -155,6 +151,7 @@ def train_task(cfg: Any) -> dict[str, Any]:
         cfg.stage,
         stage_args,
         resume=_resume_from(cfg.train.resume, out, inputs),
+        stamp={"inputs": inputs},
         lora=to_plain(cfg.train.lora) if cfg.stage == 2 else None,
         tune=_tune(cfg),
     )
