@@ -106,6 +106,23 @@ def compose_cfg(tmp_path: Path):
 
 
 @pytest.fixture
+def torchrun() -> list[str]:
+    """The command that runs `vrlab.cli` as two torchrun ranks on this machine (gloo on the CPU)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vrlab.cli",
+    ]
+
+
+@pytest.fixture
 def logit_gap(photo_files):
     """The largest logit difference between a vrlab model and a Hugging Face Llava on the same two photos and
     prompts (both given vrlab's spliced batch), after checking both give logits of one shape."""

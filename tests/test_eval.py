@@ -384,7 +384,7 @@ def test_every_kind_of_model_answers_and_scores(tiny_root, env, tmp_path, encode
 
 
 @pytest.mark.slow
-def test_two_torchrun_ranks_give_the_scores_of_one_process(checkpoint, env, tmp_path):
+def test_two_torchrun_ranks_give_the_scores_of_one_process(checkpoint, env, tmp_path, torchrun):
     """Each rank answers its share of the requests, rank 0 gathers them (gloo) and alone writes the results."""
     args = [
         "task=eval",
@@ -399,9 +399,8 @@ def test_two_torchrun_ranks_give_the_scores_of_one_process(checkpoint, env, tmp_
         [str(vrlab), *args, f"eval.out={tmp_path / 'one'}"], capture_output=True, text=True, timeout=300
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = subprocess.run(
-        [*torchrun, "-m", "vrlab.cli", *args, f"eval.out={tmp_path / 'two'}"],
+        [*torchrun, *args, f"eval.out={tmp_path / 'two'}"],
         capture_output=True,
         text=True,
         timeout=300,

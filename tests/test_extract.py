@@ -208,7 +208,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(data_root, tiny_root, tm
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_equals_one_process(data_root, tiny_root, tmp_path):
+def test_two_process_torchrun_equals_one_process(data_root, tiny_root, tmp_path, torchrun):
     one, two = tmp_path / "one", tmp_path / "two"
     args = _extract_cmd(
         data_root,
@@ -223,18 +223,7 @@ def test_two_process_torchrun_equals_one_process(data_root, tiny_root, tmp_path)
         [str(VRLAB), *args, f"extract.out={one}"], env=env(), check=True, capture_output=True, timeout=300
     )
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "vrlab.cli",
-            *args,
-            f"extract.out={two}",
-        ],
+        [*torchrun, *args, f"extract.out={two}"],
         env=env(),
         capture_output=True,
         text=True,

@@ -488,16 +488,23 @@ def test_missing_image_file_is_named(tmp_path):
         LlavaJsonLoader(tmp_path, "c.json")
 
 
-@pytest.mark.slow
-def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_root, tmp_path):
-    from vrlab.cli import run_task
-
-    common = [
+def task_args(data_root, dirs, llm_dir):
+    """Overrides every task below shares: the generated data, the tiny cards, tiny CLIP and the tiny Llama."""
+    return [
         f"paths.data={data_root}",
         f"registry.encoder_dirs=[{dirs[0]}]",
         "encoder=tiny/clip",
         "llm=demo",
         f"llm.source={llm_dir}",
+    ]
+
+
+@pytest.mark.slow
+def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_root, tmp_path):
+    from vrlab.cli import run_task
+
+    common = [
+        *task_args(data_root, dirs, llm_dir),
         "train.stage1.per_device_train_batch_size=4",
         "train.stage2.per_device_train_batch_size=4",
         "train.stage1.bf16=false",
@@ -568,13 +575,7 @@ def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_ro
 def test_caption_likelihood_task_and_the_law_table(compose_cfg, dirs, llm_dir, data_root, tmp_path):
     from vrlab.cli import run_task
 
-    common = [
-        f"paths.data={data_root}",
-        f"registry.encoder_dirs=[{dirs[0]}]",
-        "encoder=tiny/clip",
-        "llm=demo",
-        f"llm.source={llm_dir}",
-    ]
+    common = task_args(data_root, dirs, llm_dir)
     s1 = run_task(
         compose_cfg(
             "task=train",

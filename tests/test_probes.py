@@ -255,7 +255,9 @@ def test_probe_task_components_domain_shift_and_robustness(compose_cfg, vlm, dat
 
 
 @pytest.mark.slow
-def test_two_torchrun_ranks_write_the_lmvr_stores_of_one_process(vlm, data_root, tiny_root, tmp_path):
+def test_two_torchrun_ranks_write_the_lmvr_stores_of_one_process(
+    vlm, data_root, tiny_root, tmp_path, torchrun
+):
     """Each rank generates for its slice of shards; rank 0 completes the three stores and the responses."""
     from vrlab.store import EmbeddingStore
 
@@ -277,16 +279,7 @@ def test_two_torchrun_ranks_write_the_lmvr_stores_of_one_process(vlm, data_root,
         ("one", [str(vrlab)]),
         (
             "two",
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                "-m",
-                "vrlab.cli",
-            ],
+            torchrun,
         ),
     ):
         proc = subprocess.run(

@@ -6,6 +6,7 @@ requeued cluster job) finds its own earlier work.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -13,7 +14,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +166,23 @@ def training_arguments(out_dir: str | Path, args: Mapping[str, Any], **defaults:
 def distributed_context() -> tuple[int, int]:
     """(rank, world size) from torchrun / accelerate environment variables."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """(rank, world size) of this process, with torch.distributed's process group up for the block when the
+    world has several ranks (NCCL on GPUs, gloo otherwise), and torn down after it."""
+    import torch
+
+    rank, world = distributed_context()
+    started = world > 1 and not torch.distributed.is_initialized()
+    if started:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield rank, world
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
 
 
 def rank_device(device: Any) -> Any:

@@ -14,6 +14,7 @@ the tower, its trained state (`encoder/`, see `vrlab.mllm.tower`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -63,10 +64,13 @@ def load_llm(source: str, trust_remote_code: bool = False) -> tuple[nn.Module, A
     return llm, tokenizer
 
 
-def _takes_kwargs(fn: Any) -> bool:
+@functools.cache
+def _takes_kwargs(cls: type) -> bool:
+    """Whether `cls.forward` accepts `**kwargs` (read once per class: forward runs every training step)."""
     import inspect
 
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    params = inspect.signature(cls.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _hidden_size(llm: nn.Module) -> int:
@@ -314,7 +318,7 @@ class VisionLanguageModel(nn.Module):
         gradient accumulation and processes alike: N processes give the loss curve of one with the same
         global batch."""
         embeds = self.embed(input_ids, pixel_values, has_image, guide_ids, guide_mask)
-        extra = loss_kwargs if loss_kwargs and _takes_kwargs(self.llm.forward) else {}
+        extra = loss_kwargs if loss_kwargs and _takes_kwargs(type(self.llm)) else {}
         if self.is_seq2seq:
             return self.llm(
                 inputs_embeds=embeds, attention_mask=attention_mask, labels=decoder_labels, **extra

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from vrlab.extract import run_extraction
-from vrlab.runtime import distributed_context, seed_everything
+from vrlab.runtime import process_group, seed_everything
 from vrlab.tasks.config import extraction_request
 
 
 def extract_task(cfg: Any) -> dict[str, Any]:
     """`vrlab task=extract`; under torchrun/accelerate each rank extracts its slice of shards."""
     seed_everything(cfg.seed)
-    rank, world = distributed_context()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
+    with process_group() as (rank, _):
         request = extraction_request(
             cfg,
             cfg.encoder,
@@ -28,9 +23,6 @@ def extract_task(cfg: Any) -> dict[str, Any]:
             encoder_weights=cfg.get("encoder_weights"),
         )
         store = run_extraction(request, distributed=True)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
     if store is None:
         return {"rank": rank}
     return {

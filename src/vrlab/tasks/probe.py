@@ -25,7 +25,7 @@ from vrlab.report import markdown_table
 from vrlab.runtime import (
     atomic_write_bytes,
     atomic_write_json,
-    distributed_context,
+    process_group,
     rank_device,
     resolve_device,
     run_dir,
@@ -91,14 +91,8 @@ def lmvr_features_task(cfg: Any) -> dict[str, Any]:
     (under torchrun or accelerate launch, each rank a slice of the images)."""
     seed_everything(cfg.seed)
     bench = benchmark_from_cfg(cfg)
-    rank, world = distributed_context()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
+    with process_group() as (rank, world):
         out, stores = lmvr_stores(cfg, bench, rank=rank, world=world)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
     if stores is None:
         return {"rank": rank, "folder": str(out)}
     rows = stores["llm"].manifest["rows"]

@@ -144,10 +144,21 @@ def caption_alignment_task(cfg: Any) -> dict[str, Any]:
             "alignment.captions is empty: name a LLaVA-JSON caption benchmark (llava-558k, synth-captions)"
         )
     folder = adapter_checkpoint(cfg, acfg.adapter)
-    loader = benchmark_from_cfg(cfg, acfg.captions, to_plain(acfg.get("captions_args") or {}))
+    loader = benchmark_from_cfg(cfg, acfg.captions, {})
     if not hasattr(loader, "samples"):
         raise VrlabError(
             f"alignment.captions={acfg.captions} is not a LLaVA-JSON benchmark (image + conversation samples)"
+        )
+    pool = [i for i, sample in enumerate(loader.samples) if "image" in sample]
+    if not pool:
+        raise VrlabError(f"alignment.captions={acfg.captions} has no sample with an image")
+    indices = [pool[j] for j in caption_sample(len(pool), acfg.n_pairs, cfg.seed)]
+    if acfg.n_pairs and acfg.n_pairs > len(pool):
+        log.warning(
+            "alignment.n_pairs=%d but %s holds %d image-caption pairs: all are used",
+            acfg.n_pairs,
+            acfg.captions,
+            len(pool),
         )
     model = VisionLanguageModel.from_stage1(
         folder,
@@ -160,17 +171,6 @@ def caption_alignment_task(cfg: Any) -> dict[str, Any]:
         trust_remote_code=cfg.llm.trust_remote_code,
         text_tower=to_plain(cfg.adapter).get("text_tower"),
     ).to(resolve_device(cfg.device))
-    pool = [i for i, sample in enumerate(loader.samples) if "image" in sample]
-    if not pool:
-        raise VrlabError(f"alignment.captions={acfg.captions} has no sample with an image")
-    indices = [pool[j] for j in caption_sample(len(pool), acfg.n_pairs, cfg.seed)]
-    if acfg.n_pairs and acfg.n_pairs > len(pool):
-        log.warning(
-            "alignment.n_pairs=%d but %s holds %d image-caption pairs: all are used",
-            acfg.n_pairs,
-            acfg.captions,
-            len(pool),
-        )
     model.config_dict["image_aspect_ratio"] = cfg.train.image_aspect_ratio  # as stage 1 saw the images
     dataset = ConversationDataset(loader, model)
     ids = [str(loader.samples[i].get("id", i)) for i in indices]
