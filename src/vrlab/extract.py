@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vrlab.adapters import QFormerAdapter
 from vrlab.data.images import DEFAULT_MAX_PIXELS, decode_image
 from vrlab.data.loaders import Item
 from vrlab.encoders.base import VisionEncoder, autocast_context, check_finite, collate_pixels, move_pixels
@@ -104,7 +105,13 @@ def extract(
     if on_bad_image not in ("error", "skip"):
         raise VrlabError(f"data.on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
     device = torch.device(device)
-    writer = StoreWriter(path, settings, [it.id for it in items], shard_size, store_dtype)
+    ragged = getattr(encoder, "strategy", "fixed") != "fixed"  # anyres, native: a token count per image
+    if ragged and adapter is not None and isinstance(getattr(adapter, "adapter", adapter), QFormerAdapter):
+        raise VrlabError(
+            f"a Q-Former adapter cannot follow '{encoder.name}' under resolution={encoder.strategy}: its "
+            "queries expect one grid; use a linear or mlp2x_gelu adapter"
+        )
+    writer = StoreWriter(path, settings, [it.id for it in items], shard_size, store_dtype, ragged=ragged)
     mine = [s for s in rank_shards(writer.num_shards, rank, world) if not writer.done(s)]
     batches = [
         list(r[i : i + batch_size])
@@ -130,7 +137,7 @@ def extract(
             prefetch_factor=4 if num_workers else None,
         )
         pending: dict[int, dict[str, list]] = {
-            s: {"index": [], "tokens": [], "pooled": [], "skipped": []} for s in mine
+            s: {"index": [], "tokens": [], "pooled": [], "skipped": [], "layouts": []} for s in mine
         }
         futures: list[Future] = []
         total = sum(len(writer.shard_range(s)) for s in mine)
@@ -154,7 +161,12 @@ def extract(
                                 "its weights hold NaN or inf values; retrain or replace the adapter",
                             )
                     acc["index"].append(index)
-                    acc["tokens"].append(tokens.float().cpu())
+                    if ragged:  # each image's own tokens, unpadded
+                        tokens = tokens.float().cpu()
+                        acc["tokens"] += [t[:n] for t, n in zip(tokens, out.lengths, strict=True)]
+                        acc["layouts"] += [lay.to_dict() for lay in out.layouts]
+                    else:
+                        acc["tokens"].append(tokens.float().cpu())
                     acc["pooled"].append(
                         None if out.pooled is None or adapter is not None else out.pooled.float().cpu()
                     )
@@ -171,18 +183,25 @@ def extract(
     if rank != 0:
         return None
     return writer.finalize(
-        {"encoder": encoder.name, "grid": list(encoder.grid), "image_size": list(encoder.image_size)}
+        {
+            "encoder": encoder.name,
+            "grid": list(encoder.grid),
+            "image_size": list(encoder.image_size),
+            "resolution": getattr(encoder, "strategy", "fixed"),
+        }
     )
 
 
 def _write(writer: StoreWriter, shard: int, acc: dict[str, list]) -> None:
+    layouts = acc["layouts"] if writer.ragged else None
     if acc["index"]:
         index = torch.cat(acc["index"])
-        tokens = torch.cat(acc["tokens"])
+        tokens = acc["tokens"] if writer.ragged else torch.cat(acc["tokens"])
         pooled = torch.cat(acc["pooled"]) if all(p is not None for p in acc["pooled"]) else None
     else:  # every image of the shard was skipped
         index, tokens, pooled = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, 0), None
-    writer.write_shard(shard, index, tokens, pooled, acc["skipped"])
+        tokens = [] if writer.ragged else tokens
+    writer.write_shard(shard, index, tokens, pooled, acc["skipped"], layouts)
 
 
 def extraction_settings(

@@ -34,16 +34,43 @@ RESIZE_POLICIES = ("squash", "letterbox", "center_crop")
 
 @dataclass
 class Features:
-    """What an encoder returns: patch tokens in raster order over `grid`, and an optional pooled vector."""
+    """What an encoder returns: patch tokens in raster order over `grid`, and an optional pooled vector.
 
-    tokens: torch.Tensor  # [B, N, D], N = h * w
+    Under the `anyres` and `native` resolution strategies the count differs per image: `layouts` holds each
+    image's `vrlab.encoders.resolution.Layout`, `tokens` is zero-padded to the longest and `lengths` gives
+    each image's count; `per_image()` returns the unpadded tokens either way.
+    """
+
+    tokens: torch.Tensor  # [B, N, D], N = h * w (ragged: the longest image's count)
     grid: tuple[int, int]
     pooled: torch.Tensor | None = None  # [B, D'] or None
+    layouts: list[Any] | None = None
+    lengths: list[int] | None = None
 
     def __post_init__(self) -> None:
         h, w = self.grid
-        if self.tokens.dim() != 3 or self.tokens.shape[1] != h * w:
+        n = max(self.lengths) if self.lengths else h * w
+        if self.tokens.dim() != 3 or self.tokens.shape[1] != n:
             raise ShapeError(f"tokens of shape {tuple(self.tokens.shape)} do not fit grid {h}x{w}")
+
+    @classmethod
+    def ragged(cls, per_image: Sequence[torch.Tensor], layouts: Sequence[Any], pooled: Any = None) -> Features:
+        """Features of images with their own token counts (`[n_i, D]` each), zero-padded into one batch."""
+        lengths = [len(t) for t in per_image]
+        tokens = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
+        return cls(tokens, tuple(layouts[0].views[0]), pooled, list(layouts), lengths)
+
+    def per_image(self) -> list[torch.Tensor]:
+        """Each image's tokens `[n_i, D]`, without padding."""
+        if self.lengths is None:
+            return list(self.tokens)
+        return [t[:n] for t, n in zip(self.tokens, self.lengths, strict=True)]
+
+    def mean(self) -> torch.Tensor:
+        """The mean token of each image `[B, D]`, over its own tokens only."""
+        if self.lengths is None:
+            return self.tokens.mean(1)
+        return torch.stack([t.mean(0) for t in self.per_image()])
 
     def check_finite(self, encoder: str) -> Features:
         """Raise a clear error naming `encoder` if any value is NaN or infinite."""
@@ -54,7 +81,9 @@ class Features:
         return self
 
     def to_grid(self) -> torch.Tensor:
-        """Tokens as a `[B, D, h, w]` feature map."""
+        """Tokens as a `[B, D, h, w]` feature map (one grid per encoder: the `fixed` strategy)."""
+        if self.layouts is not None:
+            raise ShapeError("ragged features (anyres or native resolution) have one grid per image")
         b, _, d = self.tokens.shape
         return self.tokens.transpose(1, 2).reshape(b, d, *self.grid)
 
@@ -300,14 +329,19 @@ class VisionEncoder(nn.Module):
 
 
 def collate_pixels(items: Sequence[Any]) -> Any:
-    """Stack transformed images; composites give tuples, which are stacked member by member."""
+    """Stack transformed images; composites give tuples, which are stacked member by member; the views of
+    the anyres and native strategies are joined (they know how)."""
+    if hasattr(items[0], "collate"):
+        return type(items[0]).collate(items)
     if isinstance(items[0], tuple | list):
         return tuple(torch.stack([it[k] for it in items]) for k in range(len(items[0])))
     return torch.stack(list(items))
 
 
 def move_pixels(pixels: Any, device: torch.device | str) -> Any:
-    """Move a tensor or a tuple of tensors to `device`."""
+    """Move a tensor, a tuple of tensors or image views to `device`."""
+    if hasattr(pixels, "collate"):
+        return pixels.to(device, non_blocking=True)
     if isinstance(pixels, tuple | list):
         return tuple(p.to(device, non_blocking=True) for p in pixels)
     return pixels.to(device, non_blocking=True)

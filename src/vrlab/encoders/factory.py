@@ -7,19 +7,46 @@ and checks each built encoder against the shape its card declares.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from vrlab.encoders.base import VisionEncoder
 from vrlab.encoders.compose import CompositeEncoder
-from vrlab.errors import CardError
+from vrlab.encoders.resolution import STRATEGIES, ResolutionEncoder
+from vrlab.errors import CardError, VrlabError
 from vrlab.instantiate import instantiate_card
 from vrlab.registry import EncoderCard, Registry
 
 
+def resolution_spec(card: EncoderCard) -> tuple[str, dict[str, Any]]:
+    """The card's resolution strategy and its options: `resolution: anyres`, or a mapping such as
+    `resolution: {strategy: anyres, grid_pinpoints: [[336, 672], ...]}` (see `vrlab.encoders.resolution`)."""
+    value = card.spec.get("resolution") or "fixed"
+    options = dict(value) if isinstance(value, Mapping) else {"strategy": value}
+    strategy = str(options.pop("strategy", "fixed"))
+    if strategy not in STRATEGIES:
+        raise CardError(
+            f"encoder card {card.path or card.name}: resolution '{strategy}' is not one of {list(STRATEGIES)}"
+        )
+    return strategy, options
+
+
 def build_card(card: EncoderCard, trusted: Iterable[str] = (), **extra: Any) -> VisionEncoder:
     """Instantiate one encoder card (plus `extra` arguments) and attach the card; `trusted` names classes
-    beyond the built-in and registered backends that the user's config allows (see `vrlab.instantiate`)."""
-    encoder = instantiate_card(card, "encoder", trusted, **extra)
+    beyond the built-in and registered backends that the user's config allows (see `vrlab.instantiate`).
+    A `resolution` other than `fixed` wraps the built tower in its strategy."""
+    strategy, options = resolution_spec(card)
+    if "resolution" in card.spec:
+        plain = replace(card, spec={k: v for k, v in card.spec.items() if k != "resolution"})
+        if strategy != "fixed":
+            base = build_card(plain, trusted, **extra)
+            encoder = ResolutionEncoder(base, strategy, **options)
+            encoder.card = card
+            return encoder
+        card_for_build = plain
+    else:
+        card_for_build = card
+    encoder = instantiate_card(card_for_build, "encoder", trusted, **extra)
     encoder.card = card
     # Diffusion encoders learn their shape from a dry forward pass; checking it at build would cost one.
     if getattr(encoder, "lazy_shape", False):
@@ -65,6 +92,12 @@ def build_encoder(
         encoders.append(build_card(card.with_overrides({**shared, **own}), registry.trusted))
     if len(encoders) == 1:
         return encoders[0]
+    ragged = [e.name for e in encoders if isinstance(e, ResolutionEncoder)]
+    if ragged:
+        raise VrlabError(
+            f"'{spec}': resolution strategies other than fixed apply to single encoders, not to composite "
+            f"members ({', '.join(ragged)}); their grids must align token for token"
+        )
     return CompositeEncoder(encoders, **dict(compose or {}))
 
 

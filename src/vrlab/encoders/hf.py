@@ -160,11 +160,8 @@ class HFVisionEncoder(VisionEncoder):
         self.transform = image_transform(size, DEFAULT_NORMALIZE.get(model_type, "imagenet"), **transform)
         params = inspect.signature(self.model.forward).parameters
         # CLIP and SigLIP need to be told to resample position embeddings; DINOv2 always does.
-        self._interp_kw = (
-            {"interpolate_pos_encoding": True}
-            if size != native and "interpolate_pos_encoding" in params
-            else {}
-        )
+        self._can_interpolate = "interpolate_pos_encoding" in params
+        self._interp_kw = self._interpolation(size)
         # At its own resolution a checkpoint may leave a remainder (SigLIP SO400M: 384 px, patch 14, 27 x 27
         # patches): its patch convolution drops those pixels, as it did in training. Elsewhere, refuse.
         step = (self.patch_size[0] * self.merge, self.patch_size[1] * self.merge)
@@ -172,12 +169,18 @@ class HFVisionEncoder(VisionEncoder):
         if (size != native or exact) and (size[0] % step[0] or size[1] % step[1]):
             raise ShapeError(f"image_size {size} of '{source}' is not a multiple of its patch size {step}")
 
+    def _interpolation(self, size: tuple[int, int]) -> dict[str, Any]:
+        return {"interpolate_pos_encoding": True} if size != self.native_size and self._can_interpolate else {}
+
+    def pixel_grid(self, pixels: torch.Tensor) -> tuple[int, int]:
+        """The token grid of a pixel batch of any size (the `native` resolution strategy feeds many)."""
+        step = (self.patch_size[0] * self.merge, self.patch_size[1] * self.merge)
+        return pixels.shape[-2] // step[0], pixels.shape[-1] // step[1]
+
     def _shape(self) -> tuple[int, tuple[int, int]]:
         vcfg = getattr(self.model.config, "vision_config", self.model.config)
-        h, w = self.image_size
-        step = (self.patch_size[0] * self.merge, self.patch_size[1] * self.merge)
         width = vcfg.out_hidden_size if self.model_type in MERGED else vcfg.hidden_size
-        return int(width), (h // step[0], w // step[1])
+        return int(width), self.pixel_grid(torch.empty(0, 3, *self.image_size))
 
     def backend_settings(self) -> dict[str, Any]:
         return {
@@ -211,7 +214,7 @@ class HFVisionEncoder(VisionEncoder):
         )
         grid_thw = torch.tensor([[1, gh, gw]] * len(pixels), device=pixels.device)
         out = self.model(flat.reshape(-1, flat.shape[-1]), grid_thw=grid_thw)
-        h, w = self.grid
+        h, w = self.pixel_grid(pixels)
         return Features(tokens=out.pooler_output.reshape(len(pixels), h * w, -1), grid=(h, w))
 
     def forward(self, pixels: torch.Tensor) -> Features:
@@ -223,9 +226,11 @@ class HFVisionEncoder(VisionEncoder):
         elif self.model_type == "vit_mae":
             n = (pixels.shape[-2] // self.patch_size[0]) * (pixels.shape[-1] // self.patch_size[1])
             inputs["noise"] = torch.arange(n, device=pixels.device, dtype=pixels.dtype).expand(len(pixels), n)
-        out = self.model(**inputs, output_hidden_states=True, **self._interp_kw)
+        size = tuple(pixels.shape[-2:])
+        interp = self._interp_kw if size == self.image_size else self._interpolation(size)
+        out = self.model(**inputs, output_hidden_states=True, **interp)
         hidden = out.hidden_states[self.layer]
-        h, w = self.grid
+        h, w = self.pixel_grid(pixels)
         if hidden.shape[1] < h * w:
             raise ShapeError(f"'{self.source}' gave {hidden.shape[1]} tokens, fewer than its {h}x{w} grid")
         pooled = getattr(out, "pooler_output", None) if self.use_pooled else None

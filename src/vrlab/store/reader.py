@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vrlab.encoders.resolution import Layout
 from vrlab.errors import VrlabError
 from vrlab.store.format import REPAIR, file_sha256, read_manifest, shard_problem
 
@@ -43,6 +45,12 @@ class EmbeddingStore:
         ]
         self._position = {item_id: i for i, item_id in enumerate(self.ids)}
         self._handles: dict[int, Any] = {}
+        self._ragged: dict[int, tuple[list[int], list[dict[str, Any]]]] = {}  # shard -> offsets, layouts
+
+    @property
+    def ragged(self) -> bool:
+        """Whether items have their own token counts (the anyres and native resolution strategies)."""
+        return bool(self.manifest.get("ragged"))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,20 +120,40 @@ class EmbeddingStore:
         s, r = self._where[self.position(key)]
         return self._shard(s).get_slice(name)[r : r + 1][0]
 
+    def _ragged_index(self, s: int) -> tuple[list[int], list[dict[str, Any]]]:
+        if s not in self._ragged:
+            handle = self._shard(s)
+            layouts = json.loads((handle.metadata() or {}).get("layouts", "[]"))
+            self._ragged[s] = handle.get_tensor("offsets").tolist(), layouts
+        return self._ragged[s]
+
     def tokens(self, key: int | str) -> torch.Tensor:
-        """Tokens `[N, D]` of one item, by position or id."""
-        return self._get("tokens", key)
+        """Tokens `[N, D]` of one item, by position or id (in a ragged store, N is the item's own count)."""
+        if not self.ragged:
+            return self._get("tokens", key)
+        s, r = self._where[self.position(key)]
+        offsets, _ = self._ragged_index(s)
+        return self._shard(s).get_slice("tokens")[offsets[r] : offsets[r + 1]]
+
+    def layout(self, key: int | str) -> Layout | None:
+        """Where an item's tokens come from (`vrlab.encoders.resolution.Layout`); None in a fixed-grid store."""
+        if not self.ragged:
+            return None
+        s, r = self._where[self.position(key)]
+        return Layout.from_dict(self._ragged_index(s)[1][r])
 
     def pooled(self, key: int | str) -> torch.Tensor | None:
         return self._get("pooled", key) if self.has_pooled else None
 
     def load(self, name: str = "tokens") -> torch.Tensor:
         """All rows of `tokens` or `pooled`, in stored order."""
+        self._refuse_ragged(name)
         shards = [s for s, sh in enumerate(self.manifest["shards"]) if sh["rows"]]
         return torch.cat([self._shard(s).get_tensor(name) for s in shards])
 
     def batches(self, batch_size: int = 64, name: str = "tokens") -> Iterator[tuple[list[str], torch.Tensor]]:
         """(ids, tensor) batches in stored order; each shard is read once."""
+        self._refuse_ragged(name)
         start = 0
         for s, shard in enumerate(self.manifest["shards"]):
             block = self._shard(s).get_tensor(name)
@@ -133,3 +161,11 @@ class EmbeddingStore:
                 stop = min(i + batch_size, shard["rows"])
                 yield self.ids[start + i : start + stop], block[i:stop]
             start += shard["rows"]
+
+    def _refuse_ragged(self, name: str) -> None:
+        if name == "tokens" and self.ragged:
+            raise VrlabError(
+                f"store {self.path} holds a token count per item (resolution "
+                f"{self.settings.get('encoder', {}).get('transform', {}).get('strategy')}); read items with "
+                "tokens(i), or the pooled vectors"
+            )

@@ -65,6 +65,7 @@ class StoreWriter:
         dtype: str = "float32",
         *,
         lock_timeout: float = LOCK_TIMEOUT,
+        ragged: bool = False,
     ) -> None:
         self._marker: StoreLock | None = None  # first, so that __del__ works whatever fails below
         if dtype not in DTYPES:
@@ -75,6 +76,7 @@ class StoreWriter:
         self.ids, self.shard_size, self.dtype = list(ids), int(shard_size), dtype
         self.key = store_key(settings, self.ids, shard_size, dtype)
         self.lock_timeout = float(lock_timeout)
+        self.ragged = bool(ragged)  # one token count per item (anyres, native): part of the settings, so the key
         self._verified: dict[int, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self.path.mkdir(parents=True, exist_ok=True)
         self._mutex = StoreLock(self.path / LOCK_NAME, timeout=self.lock_timeout, thread_local=False)
@@ -243,11 +245,17 @@ class StoreWriter:
         self,
         shard: int,
         index: torch.Tensor,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | Sequence[torch.Tensor],
         pooled: torch.Tensor | None,
         skipped: Sequence[str] = (),
+        layouts: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
-        """Write one shard under a temporary name, then rename it into place; then its record."""
+        """Write one shard under a temporary name, then rename it into place; then its record.
+
+        Ragged tokens (the anyres and native strategies) come as one `[n_i, D]` tensor per row with each row's
+        layout: the shard holds them end to end (`tokens` `[sum n_i, D]`), with `offsets` `[rows + 1]` and the
+        layouts in its metadata, so a row is still one memory-mapped slice.
+        """
         if self._marker is None:
             raise VrlabError(
                 f"the writer of store {self.path} is closed (finalized, failed or closed); "
@@ -255,10 +263,24 @@ class StoreWriter:
             )
         with self._releasing_on_error():
             dt = DTYPES[self.dtype]
-            tensors = {"index": index.to(torch.int64).contiguous(), "tokens": tokens.to(dt).contiguous()}
+            metadata = {"skipped": json.dumps(list(skipped)), "key": self.key}
+            if layouts is not None:
+                rows = list(tokens)
+                if len(rows) != len(index) or len(layouts) != len(index):
+                    raise VrlabError(
+                        f"shard {shard} of {self.path}: {len(index)} rows but {len(rows)} token blocks and "
+                        f"{len(layouts)} layouts"
+                    )
+                lengths = torch.tensor([0] + [len(t) for t in rows], dtype=torch.int64)
+                flat = torch.cat(rows) if rows else torch.zeros(0, 0)
+                tensors = {"index": index.to(torch.int64).contiguous(), "tokens": flat.to(dt).contiguous()}
+                tensors["offsets"] = lengths.cumsum(0)
+                metadata["layouts"] = json.dumps([to_plain(lay) for lay in layouts])
+            else:
+                tensors = {"index": index.to(torch.int64).contiguous(), "tokens": tokens.to(dt).contiguous()}
             if pooled is not None:
                 tensors["pooled"] = pooled.to(dt).contiguous()
-            data = save(tensors, metadata={"skipped": json.dumps(list(skipped)), "key": self.key})
+            data = save(tensors, metadata=metadata)
             record = {
                 "file": shard_name(shard),
                 "rows": len(tensors["index"]),
@@ -275,7 +297,8 @@ class StoreWriter:
         return [s for s in range(self.num_shards) if not self.done(s)]
 
     def _contents(self, s: int) -> tuple[list[int], list[str], dict[str, list[int]]]:
-        """Positions, skipped ids and row shapes (none for a fully skipped shard) of shard `s`."""
+        """Positions, skipped ids and row shapes (none for a fully skipped shard) of shard `s`; a ragged
+        shard's token shape is its width alone."""
         file = self.path / shard_name(s)
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -285,6 +308,11 @@ class StoreWriter:
                 index = f.get_tensor("index").tolist()
                 names = [k for k in ("tokens", "pooled") if index and k in f.keys()]  # noqa: SIM118
                 shapes = {k: list(f.get_slice(k).get_shape())[1:] for k in names}
+                if index and ("offsets" in f.keys()) != self.ragged:  # noqa: SIM118
+                    raise VrlabError(
+                        f"shard {file} is {'ragged' if not self.ragged else 'not ragged'} unlike its store; "
+                        f"delete it and {REPAIR}"
+                    )
         except SafetensorError as exc:
             raise VrlabError(f"shard {file} cannot be read ({exc}); delete it and {REPAIR}") from None
         return index, json.loads(meta.get("skipped", "[]")), shapes
@@ -334,6 +362,7 @@ class StoreWriter:
                     skipped=skipped,
                     shards=shards,
                     shapes={"tokens": shapes.get("tokens"), "pooled": shapes.get("pooled")},
+                    ragged=self.ragged,
                     **dict(extra or {}),
                 )
                 atomic_write_json(self.path / "manifest.json", manifest)
