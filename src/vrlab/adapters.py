@@ -148,14 +148,30 @@ class TGAdapter(nn.Module):
 
 
 class MLPAdapter(nn.Module):
-    """`linear` / `mlp2x_gelu` with the adapter call signature."""
+    """`linear` / `mlp2x_gelu` with the adapter call signature.
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int) -> None:
+    With `newline` (the anyres strategy), a learned vector of the LLM's width (LLaVA-NeXT's `image_newline`,
+    initialised as transformers does) follows each row of an image's last view: `pack` lays them out.
+    """
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, newline: bool = False) -> None:
         super().__init__()
         self.net = build_mlp(kind, in_dim, out_dim)
+        self.image_newline = nn.Parameter(torch.randn(out_dim) / out_dim**0.5) if newline else None
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(tokens)
+
+    def pack(self, tokens: torch.Tensor, layout: Any) -> torch.Tensor:
+        """One image's projected tokens `[n', out_dim]` from its tokens `[n, in_dim]` and `Layout`: the views
+        in order, a newline after each row of the last view when the adapter has one."""
+        out = self.net(tokens)
+        if self.image_newline is None:
+            return out
+        rows, cols = layout.views[-1]
+        head, grid = out[: len(out) - rows * cols], out[len(out) - rows * cols :].reshape(rows, cols, -1)
+        newline = self.image_newline.to(out.dtype).expand(rows, 1, -1)
+        return torch.cat([head, torch.cat([grid, newline], dim=1).reshape(rows * (cols + 1), -1)])
 
 
 def build_adapter(config: Mapping[str, Any]) -> nn.Module:
@@ -169,7 +185,7 @@ def build_adapter(config: Mapping[str, Any]) -> nn.Module:
         if k not in ("encoder", "llm", "num_tokens_in", "template", "stage", "encoder_args", "tuned_encoder")
     }
     if kind == "linear" or re.fullmatch(r"mlp\d+x_gelu", str(kind)):
-        return MLPAdapter(kind, in_dim, out_dim)
+        return MLPAdapter(kind, in_dim, out_dim, newline=bool(options.get("newline")))
     if kind == "qformer":
         return QFormerAdapter(in_dim, out_dim, **options)
     if kind == "tg":

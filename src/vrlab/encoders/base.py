@@ -54,7 +54,9 @@ class Features:
             raise ShapeError(f"tokens of shape {tuple(self.tokens.shape)} do not fit grid {h}x{w}")
 
     @classmethod
-    def ragged(cls, per_image: Sequence[torch.Tensor], layouts: Sequence[Any], pooled: Any = None) -> Features:
+    def ragged(
+        cls, per_image: Sequence[torch.Tensor], layouts: Sequence[Any], pooled: Any = None
+    ) -> Features:
         """Features of images with their own token counts (`[n_i, D]` each), zero-padded into one batch."""
         lengths = [len(t) for t in per_image]
         tokens = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from vrlab.encoders.base import VisionEncoder
@@ -118,11 +119,29 @@ def load_encoder(
     return build_encoder(registry, name, overrides, compose).eval()
 
 
-def encoder_from_dict(card: Mapping[str, Any], policy: Mapping[str, Any] | None = None) -> VisionEncoder:
+def _local_sources(card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """A card whose `source` starts with `./` (a tower saved inside the model folder) made absolute."""
+    card = dict(card)
+    spec = dict(card.get("spec", {}))
+    source = spec.get("source")
+    if isinstance(source, str) and source.startswith("./"):
+        spec["source"] = str((folder / source).resolve())
+    card["spec"] = spec
+    if card.get("members"):
+        card["members"] = [_local_sources(m, folder) for m in card["members"]]
+    return card
+
+
+def encoder_from_dict(
+    card: Mapping[str, Any], policy: Mapping[str, Any] | None = None, folder: str | Path | None = None
+) -> VisionEncoder:
     """Rebuild an encoder (or composite) from `EncoderCard.to_dict()` output, without the card files.
 
-    Checkpoints store this, so a saved model rebuilds its exact encoder even where the cards differ.
+    Checkpoints store this, so a saved model rebuilds its exact encoder even where the cards differ; sources
+    starting with `./` are relative to the checkpoint `folder`.
     """
+    if folder is not None:
+        card = _local_sources(card, Path(folder))
 
     def one(c: Mapping[str, Any]) -> VisionEncoder:
         meta = {k: c[k] for k in ("task", "metric") if k in c}

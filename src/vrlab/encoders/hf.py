@@ -170,7 +170,9 @@ class HFVisionEncoder(VisionEncoder):
             raise ShapeError(f"image_size {size} of '{source}' is not a multiple of its patch size {step}")
 
     def _interpolation(self, size: tuple[int, int]) -> dict[str, Any]:
-        return {"interpolate_pos_encoding": True} if size != self.native_size and self._can_interpolate else {}
+        return (
+            {"interpolate_pos_encoding": True} if size != self.native_size and self._can_interpolate else {}
+        )
 
     def pixel_grid(self, pixels: torch.Tensor) -> tuple[int, int]:
         """The token grid of a pixel batch of any size (the `native` resolution strategy feeds many)."""

@@ -65,7 +65,14 @@ class Collator:
         self.model, self.padding_side = model, padding_side
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        expanded = [self.model.expand_placeholder(b["input_ids"], b["labels"]) for b in batch]
+        expanded = [
+            self.model.expand_placeholder(
+                b["input_ids"],
+                b["labels"],
+                self.model.vision_token_count(b["pixels"]) if b["has_image"] else None,
+            )
+            for b in batch
+        ]
         pad = self.model.tokenizer.pad_token_id
         answers = None
         if self.model.is_seq2seq:  # the prompt feeds the encoder; the answers are the decoder's labels
@@ -129,7 +136,7 @@ def _item(
 def on_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     device = next(model.parameters()).device
     return {
-        k: (v.to(device) if torch.is_tensor(v) else tuple(t.to(device) for t in v)) for k, v in batch.items()
+        k: (v.to(device) if hasattr(v, "to") else tuple(t.to(device) for t in v)) for k, v in batch.items()
     }
 
 

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vrlab.adapters import build_adapter, load_adapter
+from vrlab.adapters import MLPAdapter, build_adapter, load_adapter
 from vrlab.checkpoint import TOWER_FILE, VLM_CONFIG, load_tower, read_adapter_config, save_adapter
 from vrlab.data.images import pad_to_square
+from vrlab.encoders.base import move_pixels
 from vrlab.encoders.factory import encoder_from_dict, load_encoder
 from vrlab.errors import ShapeError, VrlabError
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN
@@ -129,6 +130,14 @@ class VisionLanguageModel(nn.Module):
         if adapter_cfg.get("type") == "tg":
             guide_model, guide_tokenizer = load_text_tower(text_tower)
             adapter_cfg.update(num_tokens=enc.num_tokens, text_dim=int(guide_model.config.hidden_size))
+        strategy = getattr(enc, "strategy", "fixed")
+        if strategy != "fixed":
+            if not isinstance(build_adapter({**adapter_cfg, "in_dim": 1, "out_dim": 1}), MLPAdapter):
+                raise VrlabError(
+                    f"'{enc.name}' runs at resolution={strategy}, a token count per image: the adapter must "
+                    f"map token by token (linear or mlp2x_gelu), not '{adapter_cfg.get('type')}'"
+                )
+            adapter_cfg["newline"] = strategy == "anyres"  # LLaVA-NeXT's newline after each row of tiles
         config = {
             "encoder": enc.card.to_dict(),
             "llm": llm,
@@ -215,6 +224,8 @@ class VisionLanguageModel(nn.Module):
     def image_input(self, image: torch.Tensor, aspect: str | None = None) -> Any:
         """Encoder input of one uint8 image: pad-to-square with the mean colour (LLaVA-1.5) or as the card resizes.
         By default, the policy the model was trained with (`image_aspect_ratio` in its config), else pad."""
+        if getattr(self.encoder, "strategy", "fixed") != "fixed":  # anyres, native: the strategy's own views
+            return self.encoder.transform(image)
         aspect = aspect or self.config_dict.get("image_aspect_ratio") or "pad"
         if aspect == "pad":
             transform = self.encoder.transform
@@ -237,12 +248,19 @@ class VisionLanguageModel(nn.Module):
         enc = self.guide_tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         return enc.input_ids, enc.attention_mask
 
-    def expand_placeholder(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Replace the single `<image>` id by one id per vision token (labels ignored there)."""
+    def vision_token_count(self, pixels: Any) -> int:
+        """Vision tokens of one image's encoder input: the adapter's count, or its layout's (anyres, native)."""
+        layouts = getattr(pixels, "layouts", None)
+        return layouts[0].num_vision_tokens if layouts else self.num_vision_tokens
+
+    def expand_placeholder(
+        self, ids: list[int], labels: list[int], n: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Replace the single `<image>` id by one id per vision token (`n`, else the adapter's count)."""
         if self.image_token_id not in ids:
             return ids, labels
         p = ids.index(self.image_token_id)
-        n = self.num_vision_tokens
+        n = n or self.num_vision_tokens
         return ids[:p] + [self.image_token_id] * n + ids[p + 1 :], labels[:p] + [IGNORE_INDEX] * n + labels[
             p + 1 :
         ]
@@ -251,8 +269,14 @@ class VisionLanguageModel(nn.Module):
     def encode_images(
         self, pixel_values: Any, guide_ids: torch.Tensor | None = None, guide_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Adapter outputs `[B_images, num_vision_tokens, llm_width]`."""
+        """Adapter outputs `[B_images, num_vision_tokens, llm_width]`; under anyres or native, a list of
+        `[n_i, llm_width]`, one per image (the views it was given may still be on the CPU)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            if hasattr(pixel_values, "layouts"):
+                feats = self.encoder(move_pixels(pixel_values, next(self.adapter.parameters()).device))
+                return [
+                    self.adapter.pack(t, lay) for t, lay in zip(feats.per_image(), feats.layouts, strict=True)
+                ]
             tokens = self.encoder(pixel_values).tokens
             tiles = self._tile_tokens(pixel_values) if self.config_dict["adapter"].get("detail") else None
         if self.config_dict["adapter"]["type"] != "tg":
@@ -293,13 +317,15 @@ class VisionLanguageModel(nn.Module):
             guide_ids, guide_mask = guide_ids[has_image], guide_mask[has_image]
         vision = self.encode_images(pixel_values, guide_ids, guide_mask)
         per_row = positions.sum(dim=1)
-        expected = has_image.long() * self.num_vision_tokens
-        if not torch.equal(per_row, expected.to(per_row.device)):
+        expected = torch.zeros_like(per_row)
+        expected[has_image.to(per_row.device)] = torch.tensor([len(v) for v in vision]).to(per_row)
+        if not torch.equal(per_row, expected):
             raise ShapeError(
-                f"image positions per sample {per_row.tolist()} do not match {expected.tolist()} "
-                f"({self.num_vision_tokens} vision tokens per image)"
+                f"image positions per sample {per_row.tolist()} do not match the {expected.tolist()} vision "
+                "tokens of their images"
             )
-        return embeds.masked_scatter(positions.unsqueeze(-1), vision.to(embeds.dtype))
+        flat = torch.cat(list(vision)) if isinstance(vision, list) else vision
+        return embeds.masked_scatter(positions.unsqueeze(-1), flat.to(embeds.dtype))
 
     def forward(
         self,
@@ -375,7 +401,7 @@ class VisionLanguageModel(nn.Module):
                 "checkpoint is converted once with vrlab.import_checkpoint(path, out) or task=import"
             )
         config = json.loads((path / VLM_CONFIG).read_text())
-        encoder = encoder_from_dict(_local_sources(config["encoder"], path), config.get("compose") or None)
+        encoder = encoder_from_dict(config["encoder"], config.get("compose") or None, folder=path)
         if config.get("tuned_encoder"):
             load_tower(encoder, path / config["tuned_encoder"]["weights"])
         llm, tokenizer = load_llm(str(path / "llm"), config.get("trust_remote_code", False))
@@ -384,16 +410,3 @@ class VisionLanguageModel(nn.Module):
         if config["adapter"]["type"] == "tg":
             guide_model, guide_tokenizer = load_text_tower(config.get("text_tower"))
         return cls(encoder, adapter, llm, tokenizer, config, guide_model, guide_tokenizer).eval()
-
-
-def _local_sources(card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """A card whose `source` starts with `./` (a tower saved inside the model folder) made absolute."""
-    card = dict(card)
-    spec = dict(card.get("spec", {}))
-    source = spec.get("source")
-    if isinstance(source, str) and source.startswith("./"):
-        spec["source"] = str((folder / source).resolve())
-    card["spec"] = spec
-    if card.get("members"):
-        card["members"] = [_local_sources(m, folder) for m in card["members"]]
-    return card

@@ -141,12 +141,9 @@ def lmvr_batch(
             rows.append(pool(states[layer].float(), masks[t], p))
             names.append(f"{moment}/{t}/{p}/layer{layer}")
     enc = model.encoder(batch["pixel_values"])
-    enc_rows = [enc.tokens.float().mean(1)] + ([enc.pooled.float()] if enc.pooled is not None else [])
-    adapter = (
-        model.encode_images(batch["pixel_values"], batch.get("guide_ids"), batch.get("guide_mask"))
-        .float()
-        .mean(1)
-    )
+    enc_rows = [enc.mean().float()] + ([enc.pooled.float()] if enc.pooled is not None else [])
+    projected = model.encode_images(batch["pixel_values"], batch.get("guide_ids"), batch.get("guide_mask"))
+    adapter = torch.stack([v.float().mean(0) for v in projected])  # each image's own tokens (anyres, native)
     texts = model.tokenizer.batch_decode(new.masked_fill(~gen_mask, pad), skip_special_tokens=True)
     return {
         "llm": torch.stack(rows, 1),

@@ -2,7 +2,9 @@
 
 `reference_cosine` (the paper's first version and its authors' code; the default). For a candidate's projected tokens E_v(x) [N_v, H] and a reference's E_r(x) [N_r, H] (each from its own
 stage-1 projector):  s_r(v, x) = mean_i max_j cos(E_v(x)_i, E_r(x)_j); A_r is the mean of s_r over the first
-N images of a benchmark, and A the mean over references. Token counts may differ; widths may not.
+N images of a benchmark, and A the mean over references. Token counts may differ, per image too (the anyres
+and native strategies: every token of the image, base view included; newlines are the LLM's, not the
+image's); widths may not.
 fp32 by default; `dtype=bfloat16` reproduces the published numerics (tensors saved and compared in bf16).
 
 `caption_likelihood` (the published version, COLM 2025): with encoder, stage-1 projector and LLM frozen, A is
@@ -72,8 +74,15 @@ def store_alignment(
             f"reference store {reference.path} lacks {len(missing)} of the candidate's images, e.g. {missing[:3]}"
         )
     scores = []
+    ragged = getattr(candidate, "ragged", False) or getattr(reference, "ragged", False)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
+        if ragged:  # a token count per image (anyres, native): one image at a time
+            scores += [
+                image_alignment(candidate.tokens(i).float(), reference.tokens(i).float(), dtype)
+                for i in chunk
+            ]
+            continue
         cand = torch.stack([candidate.tokens(i) for i in chunk]).float()
         ref = torch.stack([reference.tokens(i) for i in chunk]).float()
         scores.append(image_alignment(cand, ref, dtype))

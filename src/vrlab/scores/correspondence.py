@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vrlab.data.loaders import Pair
 from vrlab.encoders.base import letterbox_geometry
+from vrlab.encoders.resolution import Layout
 from vrlab.errors import VrlabError
 
 log = logging.getLogger(__name__)
@@ -99,27 +100,28 @@ def to_frame(points: Sequence[Sequence[float]], size: tuple[int, int], frame: in
     return pts * scale + torch.tensor([left, top], dtype=torch.float64)
 
 
-def bbox_to_frame(bbox: Sequence[float], size: tuple[int, int], frame: int, law: bool) -> torch.Tensor:
-    corners = to_frame([bbox[:2], bbox[2:]], size, frame, law)
-    return corners.flatten()
-
-
 def match(
     source: torch.Tensor,
     target: torch.Tensor,
     points: torch.Tensor,
-    frame: int,
+    frame: float | tuple[float, float],
     settings: CorrespondenceSettings,
+    target_frame: float | tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted target positions (frame pixels, [K, 2]) of source `points` ([K, 2] frame pixels).
+    """Predicted target positions (target frame pixels, [K, 2]) of source `points` ([K, 2] frame pixels).
 
-    `source` and `target` are L2-normalised maps `[h, w, D]`. Returns predictions and each point's best
-    similarity (used by the flip test).
+    `source` and `target` are L2-normalised maps `[h, w, D]` (their grids may differ when each image has its
+    own layout); a frame is a side or an (h, w) pixel area, the target's the source's unless given. Returns
+    predictions and each point's best similarity (used by the flip test).
     """
-    h, w, d = target.shape
-    cx = (points[:, 0] * w / frame).floor().long().clamp(0, w - 1)
-    cy = (points[:, 1] * h / frame).floor().long().clamp(0, h - 1)
-    sim = source.reshape(-1, d)[cy * w + cx] @ target.reshape(-1, d).T  # [K, h*w]
+    fh, fw = (frame, frame) if not isinstance(frame, tuple) else frame
+    target_frame = target_frame if target_frame is not None else (fh, fw)
+    th_frame, tw_frame = target_frame if isinstance(target_frame, tuple) else (target_frame,) * 2
+    sh, sw, d = source.shape
+    h, w, _ = target.shape
+    cx = (points[:, 0] * sw / fw).floor().long().clamp(0, sw - 1)
+    cy = (points[:, 1] * sh / fh).floor().long().clamp(0, sh - 1)
+    sim = source.reshape(-1, d)[cy * sw + cx] @ target.reshape(-1, d).T  # [K, h*w]
     best_sim, best = sim.max(dim=1)
     by, bx = (best // w).double(), (best % w).double()
     if settings.matching == "argmax":
@@ -138,7 +140,7 @@ def match(
         ex = (weights.sum(dim=1) * torch.linspace(-1, 1, w, dtype=torch.float64)).sum(dim=1)
         ey = (weights.sum(dim=2) * torch.linspace(-1, 1, h, dtype=torch.float64)).sum(dim=1)
         coord_x, coord_y = (ex + 1) / 2 * (w - 1), (ey + 1) / 2 * (h - 1)
-    cell_w, cell_h = frame / w, frame / h
+    cell_w, cell_h = tw_frame / w, th_frame / h
     half_w, half_h = (cell_w // 2, cell_h // 2) if settings.half_cell_floor else (cell_w / 2, cell_h / 2)
     return torch.stack([coord_x * cell_w + half_w, coord_y * cell_h + half_h], dim=1), best_sim
 
@@ -160,38 +162,62 @@ def prepare_map(tokens: torch.Tensor, grid: Sequence[int], settings: Corresponde
     return F.normalize(fmap, dim=-1)
 
 
+def layout_points(points: Sequence[Sequence[float]], layout: Layout) -> torch.Tensor:
+    """Image pixels (x, y) -> the frame of the layout's last view (its own geometry, see `Layout`)."""
+    pts = torch.tensor(points, dtype=torch.float64).reshape(-1, 2)
+    return pts * torch.tensor(layout.scale, dtype=torch.float64) + torch.tensor(
+        layout.offset, dtype=torch.float64
+    )
+
+
 def pck(
     pairs: Sequence[Pair],
     features: Callable[[str, bool], torch.Tensor],
     grid: Sequence[int],
     frame: int,
     settings: CorrespondenceSettings,
+    layouts: Callable[[str], Layout] | None = None,
 ) -> dict[str, Any]:
     """PCK per point, per pair (image), per category and overall, at every α.
 
-    `features(item_id, flipped)` returns tokens `[h*w, D]` of an image (flipped horizontally if asked).
+    `features(item_id, flipped)` returns tokens `[h*w, D]` of an image (flipped horizontally if asked). With
+    `layouts` (item id -> `Layout`: the anyres and native strategies), each image has its own grid and frame,
+    the last view's, and keypoints are placed through its own geometry; `grid` and `frame` are then unused.
     """
     law = settings.protocol == "law"
+
+    def place(item: str, pts: Sequence[Sequence[float]], size: tuple[int, int]) -> tuple[Any, Any, Any]:
+        if layouts is None:
+            return to_frame(pts, size, frame, law), tuple(grid), (frame, frame)
+        lay = layouts(item)
+        return layout_points(pts, lay), lay.views[-1], tuple(lay.frame)
+
     per_pair, per_point = [], []
     for pair in pairs:
-        src = prepare_map(features(pair.source, False), grid, settings)
-        tgt = prepare_map(features(pair.target, False), grid, settings)
-        points = to_frame(pair.source_kps, pair.source_size, frame, law)
-        pred, score = match(src, tgt, points, frame, settings)
+        points, src_grid, src_frame = place(pair.source, pair.source_kps, pair.source_size)
+        gt, tgt_grid, tgt_frame = place(pair.target, pair.target_kps, pair.target_size)
+        src = prepare_map(features(pair.source, False), src_grid, settings)
+        tgt = prepare_map(features(pair.target, False), tgt_grid, settings)
+        pred, score = match(src, tgt, points, src_frame, settings, tgt_frame)
         flipped = False
         if settings.flip:
-            _, _, new_w, _, left = letterbox_geometry(
-                pair.source_size[1], pair.source_size[0], (frame, frame)
-            )
-            mirrored = points.clone()
-            mirrored[:, 0] = 2 * left + new_w - points[:, 0]
-            src_f = prepare_map(features(pair.source, True), grid, settings)
-            pred_f, score_f = match(src_f, tgt, mirrored, frame, settings)
+            if layouts is None:
+                _, _, new_w, _, left = letterbox_geometry(
+                    pair.source_size[1], pair.source_size[0], (frame, frame)
+                )
+                mirrored = points.clone()
+                mirrored[:, 0] = 2 * left + new_w - points[:, 0]
+            else:  # the mirrored image has the same size, so the same layout
+                kps = torch.tensor(pair.source_kps, dtype=torch.float64).reshape(-1, 2)
+                kps[:, 0] = pair.source_size[0] - kps[:, 0]
+                mirrored = layout_points(kps.tolist(), layouts(pair.source))
+            src_f = prepare_map(features(pair.source, True), src_grid, settings)
+            pred_f, score_f = match(src_f, tgt, mirrored, src_frame, settings, tgt_frame)
             if score_f.mean() > score.mean():
                 pred, flipped = pred_f, True
-        gt = to_frame(pair.target_kps, pair.target_size, frame, law)
-        x0, y0, x1, y1 = bbox_to_frame(pair.target_bbox, pair.target_size, frame, law).tolist()
-        base = max(x1 - x0, y1 - y0) if settings.threshold == "bbox" else frame
+        corners, _, _ = place(pair.target, [pair.target_bbox[:2], pair.target_bbox[2:]], pair.target_size)
+        x0, y0, x1, y1 = corners.flatten().tolist()
+        base = max(x1 - x0, y1 - y0) if settings.threshold == "bbox" else max(tgt_frame)
         dist = (pred - gt).norm(dim=1)
         row = {"pair": pair.id, "category": pair.category, "n_points": len(gt), "flipped": flipped}
         for a in settings.alphas:
@@ -275,16 +301,28 @@ def correspondence(
         )
     grid = tuple(store.manifest["grid"])
     frame = settings.frame or max(store.manifest["image_size"])
+    ragged = getattr(store, "ragged", False)
+    if ragged and settings.protocol == "law":
+        raise VrlabError(
+            f"store {store.path} was extracted with resolution={store.manifest.get('resolution')}; the law "
+            "protocol is defined for one fixed grid per encoder only (the paper never defined C otherwise): "
+            "use correspondence=standard, or extract with resolution=fixed"
+        )
 
     def features(item_id: str, flip: bool) -> torch.Tensor:
-        return flipped(item_id) if flip else store.tokens(item_id)
+        tokens = flipped(item_id) if flip else store.tokens(item_id)
+        if ragged:  # the last view, whose frame keypoints are placed in (anyres: the unpadded tiles)
+            rows, cols = store.layout(item_id).views[-1]
+            tokens = tokens[-rows * cols :]
+        return tokens
 
-    result = pck(pairs, features, grid, frame, settings)
+    result = pck(pairs, features, grid, frame, settings, store.layout if ragged else None)
     return {
         "C": result["summary"]["pck@0.1"]["per_image"] if 0.1 in settings.alphas else None,
         "settings": settings.to_dict(),
         "grid": list(grid),
         "frame": frame,
+        "resolution": store.manifest.get("resolution", "fixed"),
         "n_pairs": len(pairs),
         **result,
     }

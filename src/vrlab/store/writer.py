@@ -76,7 +76,9 @@ class StoreWriter:
         self.ids, self.shard_size, self.dtype = list(ids), int(shard_size), dtype
         self.key = store_key(settings, self.ids, shard_size, dtype)
         self.lock_timeout = float(lock_timeout)
-        self.ragged = bool(ragged)  # one token count per item (anyres, native): part of the settings, so the key
+        self.ragged = bool(
+            ragged
+        )  # one token count per item (anyres, native): part of the settings, so the key
         self._verified: dict[int, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self.path.mkdir(parents=True, exist_ok=True)
         self._mutex = StoreLock(self.path / LOCK_NAME, timeout=self.lock_timeout, thread_local=False)

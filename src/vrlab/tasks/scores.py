@@ -16,7 +16,7 @@ import torch
 
 from vrlab.checkpoint import file_digest, load_tower
 from vrlab.data.images import decode_image
-from vrlab.encoders.factory import load_encoder
+from vrlab.encoders.factory import load_encoder, resolution_spec
 from vrlab.errors import VrlabError
 from vrlab.extract import run_extraction
 from vrlab.fingerprint import card_fingerprint, items_fingerprint, spec_fingerprint
@@ -236,8 +236,15 @@ def correspondence_task(cfg: Any) -> dict[str, Any]:
     seed_everything(cfg.seed)
     ccfg = to_plain(cfg.correspondence)
     knobs = {k: v for k, v in ccfg.items() if k not in ("protocol", "max_pairs", "label")}
-    families = [c.family for c in Registry.from_config(registry_cfg(cfg)).resolve(cfg.encoder)]
+    cards = Registry.from_config(registry_cfg(cfg)).resolve(cfg.encoder)
+    families = [c.family for c in cards]
     settings = settings_for(ccfg["protocol"], families, **knobs)
+    strategy = resolution_spec(cards[0].with_overrides(to_plain(cfg.encoder_args) or {}))[0]
+    if settings.protocol == "law" and strategy != "fixed":  # before anything is extracted
+        raise VrlabError(
+            f"correspondence=law is defined for one fixed grid per encoder (the paper never defined C "
+            f"otherwise), but '{cfg.encoder}' runs at resolution={strategy}: use correspondence=standard"
+        )
     encoder_args, compose = extraction_options(settings, to_plain(cfg.encoder_args), to_plain(cfg.compose))
     benchmark = benchmark_from_cfg(cfg)
     if not hasattr(benchmark, "pairs"):
@@ -268,7 +275,7 @@ def correspondence_task(cfg: Any) -> dict[str, Any]:
                     load_tower(encoder, cfg.encoder_weights)
                 encoder = encoder.to(resolve_device(cfg.device))
             image = decode_image(items[item_id].path).flip(-1)
-            flipped_cache[item_id] = encoder.encode_images([image], cfg.dtype).tokens[0].float().cpu()
+            flipped_cache[item_id] = encoder.encode_images([image], cfg.dtype).per_image()[0].float().cpu()
         return flipped_cache[item_id]
 
     result = correspondence(store, pairs, settings, flipped)
