@@ -65,3 +65,68 @@ def test_what_llava_cannot_express_is_refused(tiny_root, llm, tmp_path, encoder,
     with pytest.raises(VrlabError, match=f"cannot export .*{why}"):
         export_llava(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_anyres_exports_to_llava_next_with_equal_logits(tiny_root, llm, tmp_path, photo_files):
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    from conftest import decode_photo
+    from vrlab.mllm.data import generation_batch
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(
+        "tiny/clip",
+        str(llm),
+        {"type": "mlp2x_gelu"},
+        registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
+        encoder_args={"resolution": "anyres"},
+    )
+    for p in model.adapter.parameters():
+        p.data.normal_(0, 0.2)
+    ckpt = model.save_pretrained(tmp_path / "vlm")
+    out = export_llava(ckpt, tmp_path / "hf")
+    ours = VisionLanguageModel.from_pretrained(ckpt)
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(out).eval()
+    assert torch.equal(theirs.model.image_newline, ours.adapter.image_newline)
+    # a wide and a tall crop of real photos: different tile grids, unpadding on either axis
+    images = [decode_photo(photo_files[0])[:, :120, :], decode_photo(photo_files[1])[:, :, :200]]
+    batch = generation_batch(ours, images, ["What is in the image?", "Describe it."])
+    views = batch["pixel_values"]
+    assert len({lay.tiles for lay in views.layouts}) == 2
+    longest = max(len(p) for p in views.pixels)
+    stacked = torch.stack([torch.cat([p, p.new_zeros(longest - len(p), *p.shape[1:])]) for p in views.pixels])
+    sizes = torch.tensor([lay.size for lay in views.layouts])
+    with torch.no_grad():
+        a = ours(**batch).logits
+        b = theirs(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=stacked,
+            image_sizes=sizes,
+        ).logits
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() < 1e-4
+    processor = LlavaNextProcessor.from_pretrained(out)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+        add_generation_prompt=True,
+    )
+    from torchvision.transforms.functional import to_pil_image
+
+    enc = processor(images=to_pil_image(images[0]), text=text, return_tensors="pt")
+    # the processor expands <image> to the count vrlab's layout gives
+    assert int((enc.input_ids == theirs.config.image_token_index).sum()) == views.layouts[0].num_vision_tokens
+
+
+def test_native_resolution_is_refused(tiny_root, llm, tmp_path):
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(
+        "tiny/clip",
+        str(llm),
+        {"type": "mlp2x_gelu"},
+        registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
+        encoder_args={"resolution": "native"},
+    )
+    ckpt = model.save_pretrained(tmp_path / "vlm")
+    with pytest.raises(VrlabError, match="cannot export .*native has no LLaVA"):
+        export_llava(ckpt, tmp_path / "hf")

@@ -228,3 +228,63 @@ def test_native_gives_each_image_its_own_grid(tiny, registry):
 def test_composites_keep_one_grid(registry):
     with pytest.raises(VrlabError, match="apply to single encoders"):
         load_encoder("tiny/clip.tiny/siglip", {"resolution": "anyres"}, registry=registry)
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    from vrlab.demo.tiny_llm import build_llm, default_corpus
+
+    return build_llm(tmp_path_factory.mktemp("llm") / "llama", corpus=default_corpus())
+
+
+@pytest.mark.slow
+def test_stage1_and_stage2_train_with_anyres(compose_cfg, tiny_root, data_root, llm_dir, tmp_path):
+    from vrlab.cli import run_task
+    from vrlab.encoders.resolution import ResolutionEncoder
+    from vrlab.mllm.model import VisionLanguageModel
+
+    common = [
+        f"paths.data={data_root}",
+        f"registry.encoder_dirs=[{tiny_root / 'cards'}]",
+        "encoder=tiny/clip",
+        "+encoder_args.resolution=anyres",
+        "llm=demo",
+        f"llm.source={llm_dir}",
+        "train.stage1.per_device_train_batch_size=4",
+        "train.stage2.per_device_train_batch_size=4",
+        "train.stage1.bf16=false",
+    ]
+    s1 = run_task(
+        compose_cfg(
+            "task=train", "stage=1", "train.data=synth-captions", f"train.out={tmp_path / 's1'}", *common
+        )
+    )
+    config = json.loads(Path(s1["saved"], "adapter_config.json").read_text())
+    assert config["newline"] is True
+    s2 = run_task(
+        compose_cfg(
+            "task=train",
+            "stage=2",
+            "train.data=synth-conversations",
+            f"train.out={tmp_path / 's2'}",
+            f"train.init_from={s1['saved']}",
+            *common,
+        )
+    )
+    assert all(np.isfinite(s1["losses"])) and all(np.isfinite(s2["losses"]))
+    model = VisionLanguageModel.from_pretrained(s2["saved"])
+    assert isinstance(model.encoder, ResolutionEncoder) and model.encoder.strategy == "anyres"
+    # stage 2 started from stage 1's newline and trained it further
+    from safetensors.torch import load_file
+
+    stage1 = load_file(Path(s1["saved"]) / "adapter.safetensors")["image_newline"]
+    assert not torch.equal(model.adapter.image_newline.detach(), stage1)
+    # A tg or Q-Former adapter cannot follow a token count per image
+    with pytest.raises(VrlabError, match="must map token by token"):
+        VisionLanguageModel.build(
+            "tiny/clip",
+            str(llm_dir),
+            {"type": "qformer", "num_queries": 4, "hidden": 32, "layers": 1, "heads": 4},
+            registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
+            encoder_args={"resolution": "anyres"},
+        )

@@ -169,7 +169,10 @@ class MLPAdapter(nn.Module):
         if self.image_newline is None:
             return out
         rows, cols = layout.views[-1]
-        head, grid = out[: len(out) - rows * cols], out[len(out) - rows * cols :].reshape(rows, cols, -1)
+        head, grid = (
+            out[: len(out) - rows * cols],
+            out[len(out) - rows * cols :].reshape(rows, cols, out.shape[-1]),
+        )
         newline = self.image_newline.to(out.dtype).expand(rows, 1, -1)
         return torch.cat([head, torch.cat([grid, newline], dim=1).reshape(rows * (cols + 1), -1)])
 

@@ -1,4 +1,6 @@
-"""Export a vrlab VisionLanguageModel to the Hugging Face LLaVA format (`LlavaForConditionalGeneration`).
+"""Export a vrlab VisionLanguageModel to the Hugging Face LLaVA format (`LlavaForConditionalGeneration`), or
+to LLaVA-NeXT's (`LlavaNextForConditionalGeneration`) for a model trained with resolution=anyres: the same
+tower, projector and LLM, plus the pinpoints and the adapter's learned newline (`image_newline`).
 
 LLaVA can express: one Hugging Face CLIP or SigLIP vision tower at its native resolution, features of one
 hidden layer with the CLS token dropped (CLIP, `vision_feature_select_strategy="default"`) or none to drop
@@ -53,6 +55,10 @@ def _tower(model: Any, checkpoint: Path) -> tuple[Any, str]:
     from vrlab.encoders.hf import HFVisionEncoder
 
     enc = model.encoder
+    strategy = getattr(enc, "strategy", "fixed")
+    if strategy == "native":
+        raise _refuse(checkpoint, "resolution=native has no LLaVA or LLaVA-NeXT form (anyres and fixed do)")
+    enc = getattr(enc, "base", enc)  # anyres: the tower that encodes every view
     if not isinstance(enc, HFVisionEncoder):
         raise _refuse(checkpoint, f"encoder '{enc.name}' is not a single Hugging Face CLIP or SigLIP tower")
     kind = type(enc.model).__name__
@@ -90,8 +96,11 @@ def _projector_state(model: Any, checkpoint: Path, width: int) -> tuple[dict[str
 
 
 def export_llava(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write `checkpoint` (a vrlab stage-2 model folder) to `out` as a LlavaForConditionalGeneration folder."""
+    """Write `checkpoint` (a vrlab stage-2 model folder) to `out` as a LlavaForConditionalGeneration folder,
+    or, for a model trained with resolution=anyres, as a LlavaNextForConditionalGeneration folder."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+    from transformers import LlavaNextProcessor
 
     from vrlab.mllm.model import VisionLanguageModel
 
@@ -110,35 +119,48 @@ def export_llava(checkpoint: str | Path, out: str | Path) -> Path:
     width = int(model.llm.config.hidden_size)
     projector, act = _projector_state(model, checkpoint, width)
     h, w = model.encoder.grid
-    llava_cfg = LlavaConfig(
+    base = getattr(model.encoder, "base", model.encoder)
+    anyres = base is not model.encoder
+    common = dict(
         vision_config=tower.config.to_dict(),
         text_config=model.llm.config.to_dict(),
         image_token_index=int(model.image_token_id),
         image_seq_length=h * w,
         projector_hidden_act=act,
         vision_feature_select_strategy=strategy,
-        vision_feature_layer=int(model.encoder.layer),
+        vision_feature_layer=int(base.layer),
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)),
     )
-    llava = LlavaForConditionalGeneration(llava_cfg).eval()
+    if anyres:
+        pinpoints = model.encoder.transform.pinpoints
+        llava = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
+        with torch.no_grad():
+            llava.model.image_newline.copy_(model.adapter.image_newline)
+    else:
+        llava = LlavaForConditionalGeneration(LlavaConfig(**common))
+    llava.eval()
     llava.model.vision_tower.load_state_dict(tower.state_dict())
     llava.model.multi_modal_projector.load_state_dict(projector)
     llava.model.language_model.load_state_dict(model.llm.get_decoder().state_dict())
     llava.lm_head.load_state_dict(model.llm.get_output_embeddings().state_dict())
     out.mkdir(parents=True, exist_ok=True)
     llava.save_pretrained(out)
-    transform = model.encoder.transform
-    image_processor = CLIPImageProcessor(
+    transform = base.transform
+    processor_args = dict(
         size={"shortest_edge": min(transform.size)},
         crop_size={"height": transform.size[0], "width": transform.size[1]},
         image_mean=transform.mean.flatten().tolist(),
         image_std=transform.std.flatten().tolist(),
     )
+    if anyres:
+        image_processor = LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **processor_args)
+    else:
+        image_processor = CLIPImageProcessor(**processor_args)
     tokenizer = model.tokenizer
     tokenizer.chat_template = VICUNA_TEMPLATE
     patch = tower.config.patch_size
-    processor = LlavaProcessor(
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch,
@@ -148,5 +170,6 @@ def export_llava(checkpoint: str | Path, out: str | Path) -> Path:
         num_additional_image_tokens=1 if strategy == "default" else 0,
     )
     processor.save_pretrained(out)
-    log.info("exported %s to %s (LLaVA, %s adapter, %d image tokens)", checkpoint, out, act, h * w)
+    kind = "LLaVA-NeXT, anyres" if anyres else "LLaVA"
+    log.info("exported %s to %s (%s, %s adapter, %d base image tokens)", checkpoint, out, kind, act, h * w)
     return out

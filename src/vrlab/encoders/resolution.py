@@ -301,7 +301,7 @@ class ResolutionEncoder(VisionEncoder):
                 tiles = chunk[1:].reshape(th, tw, gh, gw, -1).permute(0, 2, 1, 3, 4)
                 tiles = tiles.reshape(th * gh, tw * gw, -1)
                 top, left, rows, cols = unpad_crop(lay.size, (th * gh, tw * gw))
-                hires = tiles[top : top + rows, left : left + cols].reshape(rows * cols, -1)
+                hires = tiles[top : top + rows, left : left + cols].reshape(rows * cols, tiles.shape[-1])
                 per_image.append(torch.cat([chunk[0], hires]))
             pooled = pooled_all
         else:  # native: each image at its own size

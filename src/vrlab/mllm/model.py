@@ -272,13 +272,15 @@ class VisionLanguageModel(nn.Module):
         """Adapter outputs `[B_images, num_vision_tokens, llm_width]`; under anyres or native, a list of
         `[n_i, llm_width]`, one per image (the views it was given may still be on the CPU)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            if hasattr(pixel_values, "layouts"):
+            if hasattr(pixel_values, "layouts"):  # anyres, native
                 feats = self.encoder(move_pixels(pixel_values, next(self.adapter.parameters()).device))
-                return [
-                    self.adapter.pack(t, lay) for t, lay in zip(feats.per_image(), feats.layouts, strict=True)
-                ]
-            tokens = self.encoder(pixel_values).tokens
+            else:
+                tokens = self.encoder(pixel_values).tokens
             tiles = self._tile_tokens(pixel_values) if self.config_dict["adapter"].get("detail") else None
+        if hasattr(pixel_values, "layouts"):
+            return [
+                self.adapter.pack(t, lay) for t, lay in zip(feats.per_image(), feats.layouts, strict=True)
+            ]
         if self.config_dict["adapter"]["type"] != "tg":
             return self.adapter(tokens)
         text = None
