@@ -26,7 +26,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo perf law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
+.PHONY: help install test test-fast lint format demo perf resolution-demo resolution-study law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -100,6 +100,22 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 		probe.layer=-1,1 probe.moment=after $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=probe experiment=demo_lmvr probe.features=encoder,adapter $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=probe_table experiment=demo_lmvr $(DEMO_ARGS)
+
+resolution-demo: install ## the resolution study on the demo (after `make demo`): tiny CLIP at 32, 48, 64 px and anyres
+	$(MAKE) resolution-study EXPERIMENT=demo_resolution STUDY_ARGS="$(DEMO_ARGS)" STUDY_ENV="$(OFFLINE)"
+
+EXPERIMENT ?= resolution
+STUDY_ARGS ?=
+STUDY_ENV ?=
+resolution-study: install ## one encoder at 224, 336, 448 px and anyres: stage 1 and 2, eval, C and A each, one table
+	$(STUDY_ENV) $(VRLAB) -m $(SWEEP) task=train stage=1 experiment=$(EXPERIMENT) $(STUDY_ARGS) \
+		'train.data=$${alignment.captions}'
+	$(STUDY_ENV) $(VRLAB) -m $(SWEEP) task=train stage=2 experiment=$(EXPERIMENT) $(STUDY_ARGS) \
+		'train.data=$${study.conversations}' 'train.init_from=$${paths.outputs}/stage1/$${study.setting}/adapter'
+	$(STUDY_ENV) $(VRLAB) -m $(SWEEP) task=eval experiment=$(EXPERIMENT) $(STUDY_ARGS)
+	$(STUDY_ENV) $(VRLAB) -m $(SWEEP) task=correspondence experiment=$(EXPERIMENT) $(STUDY_ARGS)
+	$(STUDY_ENV) $(VRLAB) -m $(SWEEP) task=alignment experiment=$(EXPERIMENT) $(STUDY_ARGS)
+	$(STUDY_ENV) $(VRLAB) task=law_table experiment=$(EXPERIMENT) $(STUDY_ARGS)
 
 perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)

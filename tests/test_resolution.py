@@ -288,3 +288,30 @@ def test_stage1_and_stage2_train_with_anyres(compose_cfg, tiny_root, data_root, 
             registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
             encoder_args={"resolution": "anyres"},
         )
+
+
+@pytest.mark.parametrize(
+    "experiment,settings",
+    [
+        ("resolution", ["s224", "s336", "s448", "anyres"]),
+        ("demo_resolution", ["s32", "s48", "s64", "anyres"]),
+    ],
+)
+def test_the_resolution_study_sweeps_its_settings(compose_cfg, experiment, settings):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params["study.setting"].split(",") == settings
+    seen = set()
+    for setting in settings:
+        cfg = compose_cfg(f"experiment={experiment}", f"study.setting={setting}", "stage=1")
+        args = OmegaConf.to_container(cfg.encoder_args, resolve=True)
+        assert args == ({"resolution": "anyres"} if setting == "anyres" else {"image_size": int(setting[1:])})
+        labels = {cfg.correspondence.label, cfg.alignment.label, cfg.eval.label}
+        assert labels == {f"{cfg.encoder}@{setting}"} and cfg.correspondence.protocol == "standard"
+        seen.add((cfg.train.out, cfg.checkpoint, cfg.alignment.adapter))
+    assert len(seen) == len(settings)  # each setting trains and reads its own models
