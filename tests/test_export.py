@@ -68,9 +68,9 @@ def test_what_llava_cannot_express_is_refused(tiny_root, llm, tmp_path, encoder,
 
 
 def test_anyres_exports_to_llava_next_with_equal_logits(tiny_root, llm, tmp_path, photo_files):
+    from conftest import decode_photo
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-    from conftest import decode_photo
     from vrlab.mllm.data import generation_batch
 
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def test_anyres_geometry_equals_transformers_helpers(size):
     from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
     assert select_best_resolution(size, PINPOINTS) == tuple(hf_best(size, PINPOINTS))
-    layout, best, _ = anyres_layout(size, PINPOINTS, (336, 336), (24, 24))
+    layout, _, _ = anyres_layout(size, PINPOINTS, (336, 336), (24, 24))
     assert layout.tiles == tuple(get_anyres_image_grid_shape(size, PINPOINTS, 336))
     rows, cols = layout.tiles[0] * 24, layout.tiles[1] * 24
     grid = torch.arange(rows * cols, dtype=torch.float32).reshape(1, rows, cols)
@@ -298,10 +298,9 @@ def test_stage1_and_stage2_train_with_anyres(compose_cfg, tiny_root, data_root, 
     ],
 )
 def test_the_resolution_study_sweeps_its_settings(compose_cfg, experiment, settings):
+    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from conftest import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)

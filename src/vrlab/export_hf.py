@@ -98,9 +98,16 @@ def _projector_state(model: Any, checkpoint: Path, width: int) -> tuple[dict[str
 def export_llava(checkpoint: str | Path, out: str | Path) -> Path:
     """Write `checkpoint` (a vrlab stage-2 model folder) to `out` as a LlavaForConditionalGeneration folder,
     or, for a model trained with resolution=anyres, as a LlavaNextForConditionalGeneration folder."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
-    from transformers import LlavaNextProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
 
     from vrlab.mllm.model import VisionLanguageModel
 
