@@ -314,3 +314,67 @@ def test_the_resolution_study_sweeps_its_settings(compose_cfg, experiment, setti
         assert labels == {f"{cfg.encoder}@{setting}"} and cfg.correspondence.protocol == "standard"
         seen.add((cfg.train.out, cfg.checkpoint, cfg.alignment.adapter))
     assert len(seen) == len(settings)  # each setting trains and reads its own models
+
+
+@pytest.fixture(scope="module")
+def anyres_vlm(tiny_root, llm_dir):
+    from vrlab.mllm.model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    return VisionLanguageModel.build(
+        "tiny/clip",
+        str(llm_dir),
+        {"type": "mlp2x_gelu"},
+        registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
+        encoder_args={"resolution": "anyres"},
+    ).eval()
+
+
+def test_attention_maps_and_lmvr_features_under_anyres(anyres_vlm, photo_files, tmp_path):
+    from conftest import decode_photo
+
+    from vrlab.probes.attention import overlay, word_attention
+    from vrlab.probes.lmvr import lmvr_batch, prompt_batch
+
+    image = decode_photo(photo_files[0])  # 427 x 640: two tiles across, unpadded rows
+    layout = prompt_batch(anyres_vlm, [image], "Hi")["pixel_values"].layouts[0]
+    res = word_attention(anyres_vlm, image, "What is in the image?", layer=-1, max_new_tokens=6)
+    assert res["maps"] and all(m.shape == layout.views[-1] for m in res["maps"].values())
+    assert len(res["image_positions"]) == layout.views[-1][0] * layout.views[-1][1]  # newlines left out
+    assert res["padded"] is False
+    path = overlay(image, next(iter(res["maps"].values())), tmp_path / "m.png", "t", padded=False)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # LMVR rows: the encoder's mean is each image's own tokens' mean, not the padded batch's
+    images = [image, decode_photo(photo_files[1])]
+    out = lmvr_batch(anyres_vlm, images, "Describe it.", [-1], ["image"], ["mean"], ["before"], 2)
+    feats = anyres_vlm.encoder(prompt_batch(anyres_vlm, images, "x")["pixel_values"])
+    assert feats.lengths[0] != feats.lengths[1]
+    for i, tokens in enumerate(feats.per_image()):
+        torch.testing.assert_close(out["encoder"][i, 0], tokens.float().mean(0))
+
+
+def test_c_flip_test_under_anyres(tiny, tmp_path):
+    from vrlab.scores.correspondence import protocol_settings
+
+    # the source is the target's mirror image: the flipped source is the target itself, so with the flip
+    # test every keypoint (mirrored through the source's own layout) lands on its ground truth
+    items = _images(tmp_path, [(40, 90)])
+    image = torch.from_numpy(np.array(Image.open(items[0].path))).permute(2, 0, 1)
+    mirror = tmp_path / "mirror.png"
+    Image.fromarray(image.flip(-1).permute(1, 2, 0).numpy()).save(mirror)
+    items.append(Item(id="mirror", path=mirror, label=None))
+    enc = tiny(resize="letterbox", resolution="anyres")
+    store = extract(enc, items, tmp_path / "a", {"k": 4}, num_workers=0, progress=False)
+    images = {"im0": image, "mirror": image.flip(-1)}
+
+    def flipped(item_id):
+        return enc.encode_images([images[item_id].flip(-1)]).per_image()[0]
+
+    rng = np.random.default_rng(0)
+    kps = np.stack([rng.uniform(0, 89, 12), rng.uniform(0, 39, 12)], 1)
+    target = np.stack([90 - kps[:, 0], kps[:, 1]], 1)
+    box = (0.0, 0.0, 90.0, 40.0)
+    pair = Pair("p", "c", "mirror", "im0", kps.tolist(), target.tolist(), box, box, (90, 40), (90, 40))
+    flip = correspondence(store, [pair], protocol_settings("standard", flip=True), flipped)
+    assert flip["per_pair"][0]["flipped"] is True
+    assert flip["summary"]["pck@0.1"]["per_image"] == 100.0

@@ -61,7 +61,8 @@ def run_features(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Tokens `[N_images, N_tokens, D]` (and pooled) of `encoder` on image files, in file order, and the files
-    skipped as unreadable (`on_bad_image=skip`; with `error` the first one raises)."""
+    skipped as unreadable (`on_bad_image=skip`; with `error` the first one raises). When the token count
+    differs per image (the anyres and native strategies), the tokens come end to end as `[1, ΣN, D]`."""
     if on_bad_image not in ("error", "skip"):
         raise VrlabError(f"data.on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
     dev = torch.device(device)
@@ -80,8 +81,12 @@ def run_features(
         pixels = move_pixels(collate_pixels(images), dev)
         with autocast_context(dev, dtype):
             out = encoder(pixels).check_finite(encoder.name)
-        tokens.append(out.tokens.float().cpu())
+        tokens += [t.float().cpu() for t in out.per_image()]
         pooled.append(None if out.pooled is None else out.pooled.float().cpu())
     if not tokens:
         raise VrlabError(f"none of the {len(paths)} images could be read (all skipped)")
-    return torch.cat(tokens), (torch.cat(pooled) if all(p is not None for p in pooled) else None), skipped
+    if len({len(t) for t in tokens}) > 1:  # anyres, native: a token count per image, all tokens end to end
+        joined = torch.cat(tokens).unsqueeze(0)
+    else:
+        joined = torch.stack(tokens)
+    return joined, (torch.cat(pooled) if all(p is not None for p in pooled) else None), skipped

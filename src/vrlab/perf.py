@@ -6,7 +6,8 @@ report their best round):
   end-to-end     `extract` from image files into a fresh EmbeddingStore (decode, resize, forward, write);
   naive          the published A-score workflow: batch size 1, decode in the main process, one `.pt` file
                  per image.
-`efficiency` = end-to-end / bare forward; `speedup_vs_naive` = end-to-end / naive. Peak memory is the CUDA
+`efficiency` = end-to-end / bare forward; `speedup_vs_naive` = end-to-end / naive. `tokens_per_image` counts the
+stored tokens (they differ per image under the anyres and native resolution strategies). Peak memory is the CUDA
 allocator's peak on GPU, the process's peak RSS on the CPU.
 """
 
@@ -112,7 +113,7 @@ def measure(
         for run in range(runs):
             bare_s.append(bare_forward(encoder, pixels, device, dtype, repeats))
             start = time.perf_counter()
-            extract(
+            store = extract(
                 encoder,
                 items,
                 tmp / f"store{run}",
@@ -126,6 +127,7 @@ def measure(
             )
             _sync(device)
             e2e_s.append(time.perf_counter() - start)
+        counts = [len(store.tokens(i)) for i in range(len(store))]  # anyres and native: per image
         bare, end_to_end = batch_size / min(bare_s), len(items) / min(e2e_s)
         slow = naive(encoder, items[:naive_images], device, tmp / "naive")
     finally:
@@ -141,6 +143,8 @@ def measure(
         "bare_repeats": repeats,
         "torch_threads": torch.get_num_threads(),
         "tokens": [encoder.num_tokens, encoder.dim],
+        "resolution": getattr(encoder, "strategy", "fixed"),
+        "tokens_per_image": {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)},
         "parameters_m": round(sum(p.numel() for p in encoder.parameters()) / 1e6, 2),
         "bare_forward_img_s": round(bare, 2),
         "end_to_end_img_s": round(end_to_end, 2),

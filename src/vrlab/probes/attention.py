@@ -57,10 +57,20 @@ def word_attention(
         .nonzero()
         .flatten()
     )
-    if len(image_pos) != model.encoder.num_tokens:
+    layouts = getattr(batch["pixel_values"], "layouts", None)
+    if layouts:  # anyres, native: the map of the last view (anyres: the unpadded tiles), newlines dropped
+        rows, cols = layouts[0].views[-1]
+        width = cols + (1 if layouts[0].newline else 0)
+        if len(image_pos) != layouts[0].num_vision_tokens:
+            raise VrlabError(f"{len(image_pos)} image positions, but the image's layout gives {layouts[0]}")
+        image_pos = image_pos[len(image_pos) - rows * width :].reshape(rows, width)[:, :cols].flatten()
+        grid = (rows, cols)
+    elif len(image_pos) != model.encoder.num_tokens:
         raise VrlabError(
             "attention maps need an adapter that keeps the encoder's token grid (linear, mlp2x_gelu, tg)"
         )
+    else:
+        grid = tuple(model.encoder.grid)
     start = batch["input_ids"].shape[1]
     maps, found = {}, {}
     offsets = _word_starts(model.tokenizer, response_ids)
@@ -68,7 +78,7 @@ def word_attention(
         if words and word.lower().strip(".,!?") not in {w.lower() for w in words}:
             continue
         row = attn[start + k]
-        maps[f"{word}@{k}"] = row[image_pos].reshape(model.encoder.grid)
+        maps[f"{word}@{k}"] = row[image_pos].reshape(grid)
         found[f"{word}@{k}"] = float(row.sum())
     return {
         "text": res["texts"][0],
@@ -76,6 +86,7 @@ def word_attention(
         "row_sums": found,
         "attention": attn,
         "image_positions": image_pos,
+        "padded": not layouts,  # the fixed strategy's map covers the padded square; the others the image
     }
 
 
@@ -92,8 +103,9 @@ def _word_starts(tokenizer: Any, ids: list[int]) -> list[tuple[str, int]]:
     return [(full[i] if i < len(full) else w, k) for i, (w, k) in enumerate(out)]
 
 
-def overlay(image: torch.Tensor, grid_map: torch.Tensor, path: Path, title: str) -> Path:
-    """Upsample a map over the padded square the model saw, crop it to the image, and save the overlay as PNG."""
+def overlay(image: torch.Tensor, grid_map: torch.Tensor, path: Path, title: str, padded: bool = True) -> Path:
+    """Upsample a map over the padded square the model saw, crop it to the image, and save the overlay as PNG
+    (`padded=False`: the map already covers the image, as under the anyres and native strategies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,11 +114,11 @@ def overlay(image: torch.Tensor, grid_map: torch.Tensor, path: Path, title: str)
     h, w = image.shape[1:]
     # The model saw the image padded to a square (LLaVA-1.5's pad): map the grid onto that square, then crop.
     side = max(h, w)
-    heat = F.interpolate(
-        grid_map[None, None].float(), size=(side, side), mode="bilinear", align_corners=False
-    )[0, 0]
-    top, left = (side - h) // 2, (side - w) // 2
-    heat = heat[top : top + h, left : left + w]
+    size = (side, side) if padded else (h, w)
+    heat = F.interpolate(grid_map[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    if padded:
+        top, left = (side - h) // 2, (side - w) // 2
+        heat = heat[top : top + h, left : left + w]
     fig, ax = plt.subplots(figsize=(4, 4 * h / w))
     ax.imshow(image.permute(1, 2, 0).numpy())
     ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)

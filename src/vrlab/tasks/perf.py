@@ -44,7 +44,9 @@ def perf_task(cfg: Any) -> dict[str, Any]:
         runs=cfg.perf.runs,
     )
     report["benchmark"] = benchmark.card.name
-    out = Path(cfg.perf.out or Path(cfg.paths.outputs) / "perf" / f"{slug(encoder.name)}.json")
+    strategy = report["resolution"]
+    name = slug(encoder.name) + ("" if strategy == "fixed" else f"-{strategy}")
+    out = Path(cfg.perf.out or Path(cfg.paths.outputs) / "perf" / f"{name}.json")
     atomic_write_json(out, report)
     log.info(
         "perf %s: bare %.1f img/s, end-to-end %.1f img/s (efficiency %.3f), naive %.1f img/s (x%.2f) -> %s",

@@ -243,6 +243,7 @@ def attention_task(cfg: Any) -> dict[str, Any]:
                 m,
                 out / f"{re.sub(r'[^A-Za-z0-9_@-]+', '_', k)}.png",
                 f"'{k}' (layer {cfg.attention.layer})",
+                padded=res["padded"],
             )
         )
         for k, m in res["maps"].items()
