@@ -378,3 +378,30 @@ def test_c_flip_test_under_anyres(tiny, tmp_path):
     flip = correspondence(store, [pair], protocol_settings("standard", flip=True), flipped)
     assert flip["per_pair"][0]["flipped"] is True
     assert flip["summary"]["pck@0.1"]["per_image"] == 100.0
+
+
+@pytest.mark.parametrize("name", ["tiny/clip", "tiny/siglip", "tiny/dinov2", "tiny/dinov2-reg"])
+def test_native_equals_the_tower_run_at_the_images_own_grid(registry, name):
+    native = load_encoder(name, {"resolution": {"strategy": "native", "max_tokens": 24}}, registry=registry)
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 40, 90), dtype=np.uint8))
+    feats = native.encode_images([image])
+    rows, cols = feats.layouts[0].views[0]
+    assert (rows, cols) == (3, 7)
+    direct = load_encoder(name, {"image_size": [rows * 8, cols * 8], "resize": "squash"}, registry=registry)
+    torch.testing.assert_close(feats.per_image()[0], direct.encode_images([image]).tokens[0])
+
+
+def test_a_compares_each_images_own_tokens(tiny, tmp_path):
+    from vrlab.scores.alignment import store_alignment
+
+    items = _images(tmp_path, [(40, 90), (64, 64), (100, 30)])
+    bench = {"benchmark": {"name": "b"}}
+    anyres = extract(tiny(resolution="anyres"), items, tmp_path / "a", bench, num_workers=0, progress=False)
+    fixed = extract(tiny(), items, tmp_path / "f", bench, num_workers=0, progress=False)
+    result = store_alignment(anyres, fixed)
+    by_hand = []
+    for i in range(3):  # mean over the candidate's tokens of the best cosine to any reference token, in NumPy
+        c, r = anyres.tokens(i).double().numpy(), fixed.tokens(i).double().numpy()
+        c, r = c / np.linalg.norm(c, axis=1, keepdims=True), r / np.linalg.norm(r, axis=1, keepdims=True)
+        by_hand.append((c @ r.T).max(axis=1).mean())
+    assert result["A"] == pytest.approx(float(np.mean(by_hand)), abs=1e-6)
