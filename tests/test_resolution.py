@@ -219,6 +219,12 @@ def test_native_gives_each_image_its_own_grid(tiny, registry):
     feats = enc.encode_images([wide, square])
     assert [lay.views[0] for lay in feats.layouts] == [(3, 7), (4, 4)]
     assert feats.lengths == [21, 16] and feats.tokens.shape == (2, 21, 64)
+    # images of one size run as one batch: the same tokens as one by one, in the order given
+    other = torch.full((3, 40, 90), 200, dtype=torch.uint8)
+    mixed = enc.encode_images([wide, square, other])
+    for got, image in zip(mixed.per_image(), [wide, square, other], strict=True):
+        torch.testing.assert_close(got, enc.encode_images([image]).per_image()[0])
+    assert not torch.equal(mixed.per_image()[0], mixed.per_image()[2])
     with pytest.raises(VrlabError, match="not one of"):
         tiny(resolution="tiles")
     with pytest.raises(VrlabError, match="native needs a tower"):

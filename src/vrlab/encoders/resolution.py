@@ -304,8 +304,17 @@ class ResolutionEncoder(VisionEncoder):
                 hires = tiles[top : top + rows, left : left + cols].reshape(rows * cols, tiles.shape[-1])
                 per_image.append(torch.cat([chunk[0], hires]))
             pooled = pooled_all
-        else:  # native: each image at its own size
-            outs = [self.base(p) for p in views.pixels]
-            per_image = [o.tokens[0] for o in outs]
-            pooled = torch.cat([o.pooled for o in outs]) if all(o.pooled is not None for o in outs) else None
+        else:  # native: images of one size run as one batch
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, p in enumerate(views.pixels):
+                groups.setdefault(tuple(p.shape), []).append(i)
+            tokens: list[Any] = [None] * len(views)
+            pooled_rows: list[Any] = [None] * len(views)
+            for members in groups.values():
+                out = self.base(torch.cat([views.pixels[i] for i in members]))
+                for k, i in enumerate(members):
+                    tokens[i] = out.tokens[k]
+                    pooled_rows[i] = out.pooled[k] if out.pooled is not None else None
+            per_image = tokens
+            pooled = torch.stack(pooled_rows) if all(p is not None for p in pooled_rows) else None
         return Features.ragged(per_image, views.layouts, pooled)
