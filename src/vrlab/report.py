@@ -138,3 +138,35 @@ def plot_policy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_leaderboard(frame: pd.DataFrame, path: Path) -> Path:
+    """The proxy leaderboard: mean leave-one-out R² and Spearman per proxy with their 95% bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = frame.iloc[::-1]  # best at the top
+    y = np.arange(len(frame))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.35 * len(frame) + 1.5), sharey=True)
+    for ax, (col, low, high, label) in zip(
+        axes,
+        [
+            ("mean_loo_r2", "loo_r2_low", "loo_r2_high", "mean leave-one-out R²"),
+            ("mean_spearman", "spearman_low", "spearman_high", "mean Spearman (leave-one-out)"),
+        ],
+        strict=True,
+    ):
+        mid = frame[col].to_numpy(float)
+        err = np.abs(np.vstack([mid - frame[low].to_numpy(float), frame[high].to_numpy(float) - mid]))
+        ax.barh(y, mid, xerr=np.nan_to_num(err), color="tab:blue", alpha=0.75, capsize=2)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set(xlabel=label)
+    axes[0].set_yticks(y, frame["proxy"])
+    fig.suptitle("Which proxy predicts the MLLM's score (95% bootstrap intervals)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -49,8 +49,9 @@ def a_column(table: pd.DataFrame, benchmark: str) -> str:
     raise VrlabError(f"law table has neither 'A_{benchmark}' nor 'A' (columns: {list(table.columns)})")
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read and validate a law table (CSV)."""
+def read_table(path: str | Path, check_a: bool = True) -> pd.DataFrame:
+    """Read and validate a law table (CSV); `check_a=False` allows score columns without an A column (a proxy
+    table's extra columns)."""
     path = Path(path)
     if not path.exists():
         raise VrlabError(f"law table {path} does not exist; build one with vrlab task=law_table")
@@ -79,7 +80,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
                 f"{table[col].iloc[row]!r} is not a finite number"
             )
         table[col] = values
-    for b in benchmarks_of(table):
+    for b in benchmarks_of(table) if check_a else ():
         a_column(table, b)
     return table
 
