@@ -11,6 +11,7 @@ rank extracts a contiguous slice of shards; rank 0 completes the manifest once e
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,8 +99,12 @@ def extract(
     progress: bool = True,
     rank: int = 0,
     world: int = 1,
+    layer_views: Mapping[str, Any] | None = None,
 ) -> EmbeddingStore | None:
-    """Extract into the store at `path`; returns the store on rank 0 once complete (None on other ranks)."""
+    """Extract into the store at `path`; returns the store on rank 0 once complete (None on other ranks).
+
+    With `encoder.record_layers` set, each of those hidden layers is stored too, read back with
+    `store.view(layer)`; `layer_views` records each view's own key and settings (`layer_settings`)."""
     if not items:
         raise VrlabError("nothing to extract: the benchmark has no items")
     if on_bad_image not in ("error", "skip"):
@@ -110,6 +115,12 @@ def extract(
         raise VrlabError(
             f"a Q-Former adapter cannot follow '{encoder.name}' under resolution={encoder.strategy}: its "
             "queries expect one grid; use a linear or mlp2x_gelu adapter"
+        )
+    layers = list(getattr(encoder, "record_layers", None) or [])
+    if layers and (ragged or adapter is not None):
+        raise VrlabError(
+            "extract.layers records a fixed-grid tower's own layers: not with an adapter or resolution="
+            f"{getattr(encoder, 'strategy', 'fixed')}"
         )
     writer = StoreWriter(path, settings, [it.id for it in items], shard_size, store_dtype, ragged=ragged)
     mine = [s for s in rank_shards(writer.num_shards, rank, world) if not writer.done(s)]
@@ -137,7 +148,8 @@ def extract(
             prefetch_factor=4 if num_workers else None,
         )
         pending: dict[int, dict[str, list]] = {
-            s: {"index": [], "tokens": [], "pooled": [], "skipped": [], "layouts": []} for s in mine
+            s: {"index": [], "tokens": [], "pooled": [], "skipped": [], "layouts": [], "layers": []}
+            for s in mine
         }
         futures: list[Future] = []
         total = sum(len(writer.shard_range(s)) for s in mine)
@@ -167,6 +179,8 @@ def extract(
                         acc["layouts"] += [lay.to_dict() for lay in out.layouts]
                     else:
                         acc["tokens"].append(tokens.float().cpu())
+                    if layers:
+                        acc["layers"].append({k: t.float().cpu() for k, t in out.layers.items()})
                     acc["pooled"].append(
                         None if out.pooled is None or adapter is not None else out.pooled.float().cpu()
                     )
@@ -184,6 +198,7 @@ def extract(
         return None
     return writer.finalize(
         {
+            "layer_views": dict(layer_views or {}),
             "encoder": encoder.name,
             "grid": list(encoder.grid),
             "image_size": list(encoder.image_size),
@@ -198,10 +213,23 @@ def _write(writer: StoreWriter, shard: int, acc: dict[str, list]) -> None:
         index = torch.cat(acc["index"])
         tokens = acc["tokens"] if writer.ragged else torch.cat(acc["tokens"])
         pooled = torch.cat(acc["pooled"]) if all(p is not None for p in acc["pooled"]) else None
+        layers = (
+            {k: torch.cat([b[k] for b in acc["layers"]]) for k in acc["layers"][0]} if acc["layers"] else None
+        )
     else:  # every image of the shard was skipped
-        index, tokens, pooled = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, 0), None
+        index, tokens, pooled, layers = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, 0), None, None
         tokens = [] if writer.ragged else tokens
-    writer.write_shard(shard, index, tokens, pooled, acc["skipped"], layouts)
+    writer.write_shard(shard, index, tokens, pooled, acc["skipped"], layouts, layers)
+
+
+def layer_settings(settings: Mapping[str, Any], encoder: VisionEncoder, layer: int) -> dict[str, Any]:
+    """The settings a single-layer extraction at `layer` would have: a multi-layer store's view of that layer
+    carries them, and their key, so results computed from the view are those of that extraction."""
+    out = copy.deepcopy(to_plain(dict(settings)))
+    out.pop("layers", None)
+    out["encoder"]["card"] = encoder.card.with_overrides({"layer": layer}).to_dict()
+    out["encoder"]["backend"]["layer"] = layer
+    return out
 
 
 def extraction_settings(
@@ -259,6 +287,7 @@ class ExtractionRequest:
     store_dtype: str = "float32"
     on_bad_image: str = "error"
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    layers: Any = None  # extract.layers: [-1, -2, 12] or "all": those hidden layers too, each a store view
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -279,6 +308,15 @@ class ExtractionRequest:
             )
         if self.on_bad_image not in ("error", "skip"):
             raise VrlabError(f"data.on_bad_image='{self.on_bad_image}' must be 'error' or 'skip'")
+        layers = self.layers
+        if (
+            layers is not None
+            and layers != "all"
+            and (isinstance(layers, str | int) or not all(isinstance(k, int) for k in layers))
+        ):
+            raise VrlabError(
+                f"extract.layers={layers!r} must be a list of layer indices, e.g. [-1, -2, 12], or 'all'"
+            )
 
 
 def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> EmbeddingStore | None:
@@ -313,6 +351,20 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
     settings = extraction_settings(encoder, benchmark, items, device, r.dtype, adapter_info, r.seed)
     if tuned:  # only then, so the stores of frozen towers keep their keys
         settings["tuned_tower"] = tuned
+    views = None
+    if r.layers:
+        if not hasattr(encoder, "layer_indices"):
+            raise VrlabError(
+                f"extract.layers needs a tower of the transformers backend; '{encoder.name}' is a "
+                f"{type(encoder).__name__}"
+            )
+        encoder.record_layers = encoder.layer_indices(r.layers)
+        settings["layers"] = list(encoder.record_layers)
+        views = {}
+        for k in encoder.record_layers:
+            view = layer_settings(settings, encoder, k)
+            ids = [it.id for it in items]
+            views[str(k)] = {"key": store_key(view, ids, r.shard_size, r.store_dtype), "settings": view}
     key = store_key(settings, [it.id for it in items], r.shard_size, r.store_dtype)
     default = Path(r.outputs) / "stores" / slug(benchmark.card.name) / f"{slug(encoder.name)}-{key[:12]}"
     path = Path(r.out or default)
@@ -334,6 +386,7 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
         adapter=adapter,
         rank=rank,
         world=world,
+        layer_views=views,
     )
     if store is not None:
         log.info(

@@ -46,6 +46,7 @@ class Features:
     pooled: torch.Tensor | None = None  # [B, D'] or None
     layouts: list[Any] | None = None
     lengths: list[int] | None = None
+    layers: dict[int, torch.Tensor] | None = None  # more hidden layers' tokens, when `record_layers` asks
 
     def __post_init__(self) -> None:
         h, w = self.grid

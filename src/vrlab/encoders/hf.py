@@ -152,6 +152,7 @@ class HFVisionEncoder(VisionEncoder):
         size = as_size(image_size) if image_size is not None else native
         self.native_size = native
         self.layer, self.use_pooled, self.source = int(layer), bool(pooled), source
+        self.record_layers: list[int] = []  # set by extraction with extract.layers
         n_layers = getattr(vcfg, "num_hidden_layers", None)
         if n_layers is not None and not -(n_layers + 1) <= self.layer <= n_layers:
             raise VrlabError(
@@ -236,4 +237,27 @@ class HFVisionEncoder(VisionEncoder):
         if hidden.shape[1] < h * w:
             raise ShapeError(f"'{self.source}' gave {hidden.shape[1]} tokens, fewer than its {h}x{w} grid")
         pooled = getattr(out, "pooler_output", None) if self.use_pooled else None
-        return Features(tokens=hidden[:, -h * w :], grid=(h, w), pooled=pooled)
+        layers = None
+        if self.record_layers:  # several layers from the same pass (extract.layers)
+            layers = {k: out.hidden_states[k][:, -h * w :] for k in self.record_layers}
+        return Features(tokens=hidden[:, -h * w :], grid=(h, w), pooled=pooled, layers=layers)
+
+    def layer_indices(self, layers: Any) -> list[int]:
+        """Hidden-state indices for `extract.layers` (`all`: every one, the embeddings' 0 included)."""
+        if self.model_type in MERGED:
+            raise VrlabError(
+                f"'{self.source}' gives its patch merger's tokens only; extract.layers cannot apply"
+            )
+        vcfg = getattr(self.model.config, "vision_config", self.model.config)
+        total = int(vcfg.num_hidden_layers)
+        if layers == "all":
+            return list(range(total + 1))
+        out = []
+        for k in layers:
+            if not -(total + 1) <= int(k) <= total:
+                raise VrlabError(
+                    f"extract.layers: {k} is out of range for '{self.source}' ({total} layers; hidden states "
+                    f"0..{total}, or negative from the last)"
+                )
+            out.append(int(k))
+        return list(dict.fromkeys(out))

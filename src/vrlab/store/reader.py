@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterator
@@ -46,6 +47,31 @@ class EmbeddingStore:
         self._position = {item_id: i for i, item_id in enumerate(self.ids)}
         self._handles: dict[int, Any] = {}
         self._ragged: dict[int, tuple[list[int], list[dict[str, Any]]]] = {}  # shard -> offsets, layouts
+        self._tokens = "tokens"  # a layer view reads tokens@<layer>
+
+    def view(self, layer: int) -> EmbeddingStore:
+        """The store of one recorded layer (`extract.layers`): its tokens, and the key and settings a
+        single-layer extraction of that layer has, so results computed from it are that extraction's."""
+        views = self.manifest.get("layer_views") or {}
+        if str(layer) not in views:
+            raise VrlabError(
+                f"store {self.path} holds the layers {sorted(views, key=int) or 'of no sweep'}, not {layer}; "
+                "extract with extract.layers=[...] (or all)"
+            )
+        view = copy.copy(self)
+        view.manifest = {
+            **self.manifest,
+            "key": views[str(layer)]["key"],
+            "settings": views[str(layer)]["settings"],
+            "view_of": {"store": str(self.path), "key": self.manifest["key"], "layer": int(layer)},
+        }
+        view._tokens = f"tokens@{layer}"
+        return view
+
+    @property
+    def layers(self) -> list[int]:
+        """The hidden layers recorded beside the tokens (`extract.layers`), each readable with `view`."""
+        return sorted(int(k) for k in self.manifest.get("layer_views") or {})
 
     @property
     def ragged(self) -> bool:
@@ -79,7 +105,7 @@ class EmbeddingStore:
         """Check shard `s` against the manifest, then open it (safe_open memory-maps the file)."""
         entry = self.manifest["shards"][s]
         file = self.path / entry["file"]
-        key = self.manifest.get("key")
+        key = (self.manifest.get("view_of") or {}).get("key") or self.manifest.get("key")
         if not file.exists():
             raise VrlabError(f"shard {file} of store {self.path} is missing; {REPAIR}")
         if "sha256" in entry:
@@ -117,6 +143,7 @@ class EmbeddingStore:
         return key % len(self)
 
     def _get(self, name: str, key: int | str) -> torch.Tensor:
+        name = self._tokens if name == "tokens" else name
         s, r = self._where[self.position(key)]
         return self._shard(s).get_slice(name)[r : r + 1][0]
 
@@ -148,12 +175,14 @@ class EmbeddingStore:
     def load(self, name: str = "tokens") -> torch.Tensor:
         """All rows of `tokens` or `pooled`, in stored order."""
         self._refuse_ragged(name)
+        name = self._tokens if name == "tokens" else name
         shards = [s for s, sh in enumerate(self.manifest["shards"]) if sh["rows"]]
         return torch.cat([self._shard(s).get_tensor(name) for s in shards])
 
     def batches(self, batch_size: int = 64, name: str = "tokens") -> Iterator[tuple[list[str], torch.Tensor]]:
         """(ids, tensor) batches in stored order; each shard is read once."""
         self._refuse_ragged(name)
+        name = self._tokens if name == "tokens" else name
         start = 0
         for s, shard in enumerate(self.manifest["shards"]):
             block = self._shard(s).get_tensor(name)

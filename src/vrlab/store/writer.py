@@ -251,6 +251,7 @@ class StoreWriter:
         pooled: torch.Tensor | None,
         skipped: Sequence[str] = (),
         layouts: Sequence[Mapping[str, Any]] | None = None,
+        layers: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         """Write one shard under a temporary name, then rename it into place; then its record.
 
@@ -282,6 +283,8 @@ class StoreWriter:
                 tensors = {"index": index.to(torch.int64).contiguous(), "tokens": tokens.to(dt).contiguous()}
             if pooled is not None:
                 tensors["pooled"] = pooled.to(dt).contiguous()
+            for k, t in (layers or {}).items():  # extract.layers: each layer's tokens, read as a view
+                tensors[f"tokens@{k}"] = t.to(dt).contiguous()
             data = save(tensors, metadata=metadata)
             record = {
                 "file": shard_name(shard),

@@ -52,6 +52,7 @@ def extraction_request(cfg: Any, encoder: str, benchmark: str, **changes: Any) -
         store_dtype=cfg.extract.store_dtype,
         on_bad_image=cfg.data.on_bad_image,
         max_pixels=cfg.data.get("max_pixels", DEFAULT_MAX_PIXELS),
+        layers=to_plain(cfg.extract.get("layers")),
         device=str(cfg.device),
         dtype=str(cfg.dtype),
         seed=cfg.seed,

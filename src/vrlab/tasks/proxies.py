@@ -62,7 +62,9 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
         raise VrlabError("task=proxies needs proxy.references=[<encoder>, ...] and/or proxy.llm=<LLM>")
     seed_everything(cfg.seed)
     store = run_extraction(extraction_request(cfg, cfg.encoder, pcfg.benchmark, limit=pcfg.n_images))
-    ours = image_features(store)
+    # extract.layers: every recorded layer is a candidate too, as columns <measure>@<layer>
+    layer_sets = {None: image_features(store)} | {k: image_features(store.view(k)) for k in store.layers}
+    ours = layer_sets[None]
     sides: dict[str, torch.Tensor] = {}
     for ref in pcfg.references:
         ref_store = run_extraction(
@@ -86,20 +88,23 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
             )
         sides["llm"] = caption_features(str(pcfg.llm), [captions[i] for i in store.ids], int(pcfg.llm_layer))
     values: dict[str, Any] = {}
-    for name in pcfg.measures:
-        fn = measure(name, k=pcfg.k, keep=pcfg.keep)
-        per_side = {
-            side: null_calibrated(fn, ours, feats, int(pcfg.permutations), int(cfg.seed))
-            for side, feats in sides.items()
-        }
-        refs = [v for s, v in per_side.items() if s != "llm"]
-        if refs:  # like A: the mean over references
-            values[name] = sum(v["raw"] for v in refs) / len(refs)
-            values[f"{name}_z"] = sum(v["z"] for v in refs) / len(refs)
-        if "llm" in per_side:
-            values[f"{name}_llm"], values[f"{name}_llm_z"] = per_side["llm"]["raw"], per_side["llm"]["z"]
-        values.setdefault("_detail", {})[name] = per_side
-    detail = values.pop("_detail")
+    detail: dict[str, Any] = {}
+    for layer, feats_v in layer_sets.items():
+        at = "" if layer is None else f"@{layer}"
+        for name in pcfg.measures:
+            fn = measure(name, k=pcfg.k, keep=pcfg.keep)
+            per_side = {
+                side: null_calibrated(fn, feats_v, feats, int(pcfg.permutations), int(cfg.seed))
+                for side, feats in sides.items()
+            }
+            refs = [v for s, v in per_side.items() if s != "llm"]
+            if refs:  # like A: the mean over references
+                values[f"{name}{at}"] = sum(v["raw"] for v in refs) / len(refs)
+                values[f"{name}_z{at}"] = sum(v["z"] for v in refs) / len(refs)
+            if "llm" in per_side:
+                values[f"{name}_llm{at}"] = per_side["llm"]["raw"]
+                values[f"{name}_llm_z{at}"] = per_side["llm"]["z"]
+            detail[f"{name}{at}"] = per_side
     label = pcfg.label or cfg.encoder
     if pcfg.layer_label is not None:  # a layer sweep: columns <measure>@<layer>
         values = {f"{k}@{pcfg.layer_label}": v for k, v in values.items()}
@@ -108,6 +113,7 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
         "encoder": cfg.encoder,
         "benchmark": pcfg.benchmark,
         "n_images": len(ours),
+        "layers": store.layers,
         "store": store.manifest["key"],
         "references": list(pcfg.references),
         "llm": pcfg.llm,
