@@ -26,7 +26,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo perf resolution-demo resolution-study law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
+.PHONY: help install test test-fast lint format demo perf resolution-demo resolution-study proxies-demo proxy-leaderboard law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -116,6 +116,16 @@ resolution-study: install ## one encoder at 224, 336, 448 px and anyres: stage 1
 	$(STUDY_ENV) $(VRLAB) -m $(SWEEP) task=correspondence experiment=$(EXPERIMENT) $(STUDY_ARGS)
 	$(STUDY_ENV) $(VRLAB) -m $(SWEEP) task=alignment experiment=$(EXPERIMENT) $(STUDY_ARGS)
 	$(STUDY_ENV) $(VRLAB) task=law_table experiment=$(EXPERIMENT) $(STUDY_ARGS)
+
+DEMO_HF_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg
+proxies-demo: install ## the proxy leaderboard on the demo (after `make demo`): similarity proxies, layer sweep, LOO fit
+	$(OFFLINE) $(VRLAB) -m task=proxies experiment=demo_proxies encoder=$(LAW_DEMO_ENCODERS) $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) -m task=proxies experiment=demo_proxies encoder=$(DEMO_HF_ENCODERS) extract.layers=all $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=proxy_fit experiment=demo_proxies $(DEMO_ARGS)
+
+proxy-leaderboard: install ## the proxy leaderboard for ENCODERS on real weights (law.table: your law table or a paper's CSV)
+	$(VRLAB) -m $(SWEEP) task=proxies experiment=proxies encoder=$(ENCODERS)
+	$(VRLAB) task=proxy_fit experiment=proxies
 
 perf: demo ## throughput reports (bare forward, end-to-end, naive) as JSON in outputs/perf/
 	$(OFFLINE) $(VRLAB) -m task=perf encoder=$(PERF_ENCODERS) benchmark=synth-folder-train $(DEMO_ARGS)

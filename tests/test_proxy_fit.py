@@ -61,7 +61,8 @@ def test_spearman_intervals_and_ranking_by_hand(table):
     scores = [fit["results"][k]["mean_loo_r2"] for k in fit["ranking"]]
     assert scores == sorted(scores, reverse=True)
     frame = ranking_frame(fit)
-    assert list(frame["proxy"]) == fit["ranking"] and len(frame) == 4 + 6  # four proxies, six pairs
+    # four proxies, one pair: a layer sweep's columns are judged one by one, not paired
+    assert list(frame["proxy"]) == fit["ranking"] and len(frame) == 4 + 1
     # the layer sweep: the layer tracking C predicts mc (a function of C) better than the noise layer
     assert fit["layers"]["cka_z"]["best"] == "2"
     assert (
@@ -76,8 +77,11 @@ def test_spearman_intervals_and_ranking_by_hand(table):
 def test_bad_proxies_are_named(table):
     with pytest.raises(VrlabError, match="proxy 'rsa' is not a column"):
         fit_proxies(table, ["rsa"], ["vqa"])
-    with pytest.raises(VrlabError, match="needs at least"):
-        fit_proxies(table.head(5), ["A", "C"], ["vqa"], bootstrap=10)
+    # five representations fit one proxy (3 parameters) but not the pair (6): the pair is left out, and said
+    five = fit_proxies(table.head(5), ["A", "C"], ["vqa"], bootstrap=10)
+    assert set(five["ranking"]) == {"A", "C"} and "needs at least 7" in five["skipped"]["A+C"]
+    with pytest.raises(VrlabError, match="no proxy could be judged.*needs at least 4"):
+        fit_proxies(table.head(3), ["A", "C"], ["vqa"], bootstrap=10)
 
 
 @pytest.mark.slow

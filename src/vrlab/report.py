@@ -149,23 +149,36 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> Path:
 
     frame = frame.iloc[::-1]  # best at the top
     y = np.arange(len(frame))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.35 * len(frame) + 1.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.3 * len(frame) + 1.6), sharey=True)
     for ax, (col, low, high, label) in zip(
         axes,
         [
-            ("mean_loo_r2", "loo_r2_low", "loo_r2_high", "mean leave-one-out R²"),
-            ("mean_spearman", "spearman_low", "spearman_high", "mean Spearman (leave-one-out)"),
+            ("mean_loo_r2", "loo_r2_low", "loo_r2_high", "mean leave-one-out R² (shown from −1)"),
+            (
+                "mean_spearman",
+                "spearman_low",
+                "spearman_high",
+                "mean Spearman ρ of the leave-one-out predictions",
+            ),
         ],
         strict=True,
     ):
-        mid = frame[col].to_numpy(float)
-        err = np.abs(np.vstack([mid - frame[low].to_numpy(float), frame[high].to_numpy(float) - mid]))
+        # R² has no lower bound; below −1 a bar stops at −1 and its value is written beside it
+        mid, lo, hi = (np.clip(frame[c].to_numpy(float), -1, 1) for c in (col, low, high))
+        err = np.abs(np.vstack([mid - lo, hi - mid]))
         ax.barh(y, mid, xerr=np.nan_to_num(err), color="tab:blue", alpha=0.75, capsize=2)
+        for yi, raw in zip(y, frame[col].to_numpy(float), strict=True):
+            if raw < -1:
+                ax.text(-0.98, yi, f"{raw:.3g}", va="center", fontsize=7, color="darkred")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set(xlabel=label)
-    axes[0].set_yticks(y, frame["proxy"])
-    fig.suptitle("Which proxy predicts the MLLM's score (95% bootstrap intervals)", fontsize=10)
-    fig.tight_layout()
+        ax.set_xlim(-1.02, 1.02)
+        ax.set_xlabel(label, fontsize=9)
+    axes[0].set_yticks(y, frame["proxy"], fontsize=8)
+    fig.suptitle(
+        "Which proxy predicts the MLLM's score (bars: 95% bootstrap intervals over representations)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

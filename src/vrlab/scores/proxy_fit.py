@@ -16,6 +16,7 @@ as in the law. Columns named `<proxy>@<layer>` form a layer sweep: the report na
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,8 @@ from sklearn.metrics import r2_score
 
 from vrlab.errors import VrlabError
 from vrlab.scores.law import a_column, benchmarks_of, loo_predictions, minmax, n_parameters
+
+log = logging.getLogger(__name__)
 
 
 def proxy_column(table: pd.DataFrame, proxy: str, benchmark: str) -> str:
@@ -69,9 +72,11 @@ def fit_proxies(
     benchmarks = list(benchmarks or [b for b in benchmarks_of(table) if b not in proxies])
     if not benchmarks:
         raise VrlabError("the table has no benchmark score columns to predict")
-    candidates = [(p,) for p in proxies] + (list(itertools.combinations(proxies, 2)) if pairs else [])
+    plain = [p for p in proxies if "@" not in p]  # a layer sweep's columns are judged one by one
+    candidates = [(p,) for p in proxies] + (list(itertools.combinations(plain, 2)) if pairs else [])
     rng = np.random.default_rng(seed)
     results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     for combo in candidates:
         name = "+".join(combo)
         per_bench, boot_r2, boot_rho = {}, [], []
@@ -80,10 +85,11 @@ def fit_proxies(
             rows = table.dropna(subset=[b, *cols])
             need = n_parameters(len(combo), degree) + 1
             if len(rows) < need:
-                raise VrlabError(
+                skipped[name] = (
                     f"benchmark '{b}': {len(rows)} representations have '{name}' and a score; the degree-"
                     f"{degree} fit on {len(combo)} proxies needs at least {need} for leave-one-out"
                 )
+                break
             x = np.column_stack([minmax(rows[c].to_numpy(float), c) for c in cols])
             y = minmax(rows[b].to_numpy(float), b)
             pred = loo_predictions(x, y, degree)
@@ -102,6 +108,9 @@ def fit_proxies(
                 "loo_predicted": pred.tolist(),
                 "measured": y.tolist(),
             }
+        if name in skipped:
+            log.warning("proxy %s left out: %s", name, skipped[name])
+            continue
         mean_r2 = np.nanmean(np.asarray(boot_r2, dtype=float), axis=0) if bootstrap else []
         mean_rho = np.nanmean(np.asarray(boot_rho, dtype=float), axis=0) if bootstrap else []
         results[name] = {
@@ -112,6 +121,8 @@ def fit_proxies(
             "mean_spearman": float(np.nanmean([v["spearman"] for v in per_bench.values()])),
             "mean_spearman_interval": _interval(list(mean_rho)),
         }
+    if not results:
+        raise VrlabError(f"no proxy could be judged: {next(iter(skipped.values()))}")
     ranking = sorted(results, key=lambda k: (-results[k]["mean_loo_r2"], k))
     return {
         "degree": degree,
@@ -120,6 +131,7 @@ def fit_proxies(
         "seed": seed,
         "results": results,
         "ranking": ranking,
+        "skipped": skipped,
         "layers": best_layers(results),
         "normalisation": "min-max over the representations with a score, per benchmark (proxies and score)",
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
     sides: dict[str, torch.Tensor] = {}
     for ref in pcfg.references:
         ref_store = run_extraction(
-            extraction_request(cfg, ref, pcfg.benchmark, limit=pcfg.n_images, encoder_args={}, compose={})
+            extraction_request(
+                cfg, ref, pcfg.benchmark, limit=pcfg.n_images, encoder_args={}, compose={}, layers=None
+            )
         )
         if ref_store.ids != store.ids:
             raise VrlabError(f"reference '{ref}' holds other images than '{cfg.encoder}' on {pcfg.benchmark}")
@@ -137,9 +140,11 @@ def proxy_table(table: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
         rec = json.loads(Path(path).read_text())
         row = extra.setdefault(rec["representation"], {})
         for key, value in rec["proxies"].items():
-            if key in row:
+            # a layer sweep's run repeats the plain columns of the same store tokens: equal values agree
+            if key in row and not math.isclose(row[key], value, rel_tol=1e-9, abs_tol=1e-12):
                 raise VrlabError(
-                    f"two proxies.json give '{key}' for '{rec['representation']}' (one is {path})"
+                    f"two proxies.json give different '{key}' for '{rec['representation']}' ({row[key]} and "
+                    f"{value}, one is {path}); remove one, or label one run differently (proxy.label)"
                 )
             row[key] = value
     if not extra:
