@@ -27,8 +27,8 @@ def table():
             "A_mc": a + rng.normal(0, 0.02, n),
             "vqa": 0.2 + 0.5 * a + 0.3 * c * a + noise[0],
             "mc": 0.1 + 0.6 * c**2 + noise[1],
-            "cka_z@1": rng.normal(size=n),  # a layer that knows nothing
-            "cka_z@2": c + rng.normal(0, 0.1, n),  # a layer that tracks C
+            "lay_z@1": rng.normal(size=n),  # a layer that knows nothing
+            "lay_z@2": c + rng.normal(0, 0.1, n),  # a layer that tracks C
         }
     )
 
@@ -50,7 +50,7 @@ def test_the_ac_pair_is_the_ac_law(table):
 
 
 def test_spearman_intervals_and_ranking_by_hand(table):
-    fit = fit_proxies(table, ["A", "C", "cka_z@1", "cka_z@2"], ["vqa", "mc"], bootstrap=200, seed=1)
+    fit = fit_proxies(table, ["A", "C", "lay_z@1", "lay_z@2"], ["vqa", "mc"], bootstrap=200, seed=1)
     for r in fit["results"].values():
         for b, v in r["benchmarks"].items():
             ranks = pd.DataFrame({"p": v["loo_predicted"], "y": v["measured"]}).corr(method="spearman")
@@ -64,13 +64,13 @@ def test_spearman_intervals_and_ranking_by_hand(table):
     # four proxies, one pair: a layer sweep's columns are judged one by one, not paired
     assert list(frame["proxy"]) == fit["ranking"] and len(frame) == 4 + 1
     # the layer sweep: the layer tracking C predicts mc (a function of C) better than the noise layer
-    assert fit["layers"]["cka_z"]["best"] == "2"
+    assert fit["layers"]["lay_z"]["best"] == "2"
     assert (
-        fit["results"]["cka_z@2"]["benchmarks"]["mc"]["loo_r2"]
-        > fit["results"]["cka_z@1"]["benchmarks"]["mc"]["loo_r2"]
+        fit["results"]["lay_z@2"]["benchmarks"]["mc"]["loo_r2"]
+        > fit["results"]["lay_z@1"]["benchmarks"]["mc"]["loo_r2"]
     )
     # seeded: the same intervals again
-    again = fit_proxies(table, ["A", "C", "cka_z@1", "cka_z@2"], ["vqa", "mc"], bootstrap=200, seed=1)
+    again = fit_proxies(table, ["A", "C", "lay_z@1", "lay_z@2"], ["vqa", "mc"], bootstrap=200, seed=1)
     assert again["results"]["A+C"]["mean_loo_r2_interval"] == fit["results"]["A+C"]["mean_loo_r2_interval"]
 
 
@@ -102,6 +102,8 @@ def test_proxies_and_proxy_fit_tasks(compose_cfg, tiny_root, data_root, tmp_path
                     f"proxy.llm={llm}",
                     "proxy.permutations=8",
                     "proxy.k=3",
+                    "proxy.probe_train=synth-folder-train",
+                    "proxy.probe_test=synth-folder-test",
                     f"proxy.label=enc{len(records)}",
                     *common,
                 )
@@ -111,6 +113,25 @@ def test_proxies_and_proxy_fit_tasks(compose_cfg, tiny_root, data_root, tmp_path
     for name in ("cka", "unbiased_cka", "mutual_knn", "cknna", "svcca"):
         assert {name, f"{name}_z", f"{name}_llm", f"{name}_llm_z"} <= set(rec["proxies"])
     assert rec["n_images"] > 4 and Path(rec["output"]).exists()
+    assert 0 <= rec["proxies"]["probe"] <= 100  # linear-probe accuracy, a proxy too
+    # a layer sweep: every hidden layer's proxies, and the plain columns equal the run without layers
+    layered = run_task(
+        compose_cfg(
+            "task=proxies",
+            "encoder=tiny/siglip",
+            "proxy.references=[tiny/clip]",
+            "proxy.permutations=8",
+            "proxy.k=3",
+            "proxy.label=enc0",
+            "proxy.probe_train=synth-folder-train",
+            "proxy.probe_test=synth-folder-test",
+            "extract.layers=[1,2]",
+            *common,
+        )
+    )
+    assert {"cka@1", "cka_z@2", "probe@1", "probe@2"} <= set(layered["proxies"])
+    for key in ("cka", "unbiased_cka_z", "probe"):
+        assert layered["proxies"][key] == pytest.approx(rec["proxies"][key], rel=1e-9)
     # the proxies join the law table by representation; proxy_fit ranks them and writes the leaderboard
     law_csv = tmp_path / "table.csv"
     table.to_csv(law_csv, index=False)
@@ -119,14 +140,14 @@ def test_proxies_and_proxy_fit_tasks(compose_cfg, tiny_root, data_root, tmp_path
             "task=proxy_fit",
             f"proxy.table={law_csv}",
             "proxy.proxies=[A,C]",
-            "proxy.layers=[cka_z]",
+            "proxy.layers=[lay_z]",
             "proxy.benchmarks=[vqa,mc]",
             "proxy.bootstrap=50",
             f"paths.outputs={tmp_path / 'outputs'}",
             *common,
         )
     )
-    assert "A+C" in out["ranking"] and out["layers"]["cka_z"]["best"] == "2"
+    assert "A+C" in out["ranking"] and out["layers"]["lay_z"]["best"] == "2"
     saved = json.loads(Path(out["output"]).read_text())
     assert saved["ranking"] == out["ranking"]
     assert Path(out["output"]).with_suffix(".png").stat().st_size > 0

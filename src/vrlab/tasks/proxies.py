@@ -59,8 +59,10 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
     unknown = sorted(set(pcfg.measures) - set(MEASURES))
     if unknown:
         raise VrlabError(f"proxy.measures {unknown} are not measures; choose from {list(MEASURES)}")
-    if not pcfg.references and not pcfg.llm:
-        raise VrlabError("task=proxies needs proxy.references=[<encoder>, ...] and/or proxy.llm=<LLM>")
+    if not pcfg.references and not pcfg.llm and not pcfg.probe_train:
+        raise VrlabError(
+            "task=proxies needs proxy.references=[<encoder>, ...], proxy.llm=<LLM> or proxy.probe_train=<benchmark>"
+        )
     seed_everything(cfg.seed)
     store = run_extraction(extraction_request(cfg, cfg.encoder, pcfg.benchmark, limit=pcfg.n_images))
     # extract.layers: every recorded layer is a candidate too, as columns <measure>@<layer>
@@ -92,6 +94,9 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
         sides["llm"] = caption_features(str(pcfg.llm), [captions[i] for i in store.ids], int(pcfg.llm_layer))
     values: dict[str, Any] = {}
     detail: dict[str, Any] = {}
+    if pcfg.probe_train:  # linear-probe accuracy as a proxy, per recorded layer too
+        for layer, accuracy in probe_accuracy(cfg).items():
+            values["probe" if layer is None else f"probe@{layer}"] = accuracy
     for layer, feats_v in layer_sets.items():
         at = "" if layer is None else f"@{layer}"
         for name in pcfg.measures:
@@ -120,7 +125,10 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
         "store": store.manifest["key"],
         "references": list(pcfg.references),
         "llm": pcfg.llm,
-        "settings": {k: to_plain(pcfg[k]) for k in ("k", "keep", "permutations", "llm_layer")},
+        "settings": {
+            k: to_plain(pcfg[k])
+            for k in ("k", "keep", "permutations", "llm_layer", "probe_train", "probe_test")
+        },
         "seed": cfg.seed,
         "proxies": values,
         "detail": detail,
@@ -131,6 +139,43 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
         "proxies of %s: %s -> %s", label, {k: round(v, 4) for k, v in values.items()}, out / "proxies.json"
     )
     return {**record, "output": str(out / "proxies.json")}
+
+
+def probe_accuracy(cfg: Any) -> dict[int | None, float]:
+    """Test accuracy (mAP for multi-label) of a linear probe on the mean image features of `proxy.probe_train`,
+    tested on `proxy.probe_test`, for the encoder's layer and every layer `extract.layers` records."""
+    from vrlab.data.benchmarks import load_benchmark
+    from vrlab.probes.linear import fit_and_evaluate
+    from vrlab.tasks.config import registry_cfg
+
+    pcfg = cfg.proxy
+    if not pcfg.probe_test:
+        raise VrlabError("proxy.probe_train needs proxy.probe_test=<a labelled benchmark with its classes>")
+    benches = {
+        b: load_benchmark(b, cfg.paths.data, registry_cfg(cfg), {})
+        for b in (pcfg.probe_train, pcfg.probe_test)
+    }
+    train, test = benches[pcfg.probe_train], benches[pcfg.probe_test]
+    if train.classes != test.classes:
+        raise VrlabError(f"proxy.probe_test '{pcfg.probe_test}' has other classes than '{pcfg.probe_train}'")
+    stores = {b: run_extraction(extraction_request(cfg, cfg.encoder, b)) for b in benches}
+    labels = {b: {it.id: it.label for it in benches[b].items} for b in benches}
+    multilabel = train.task == "multilabel"
+    out: dict[int | None, float] = {}
+    for layer in [None, *stores[pcfg.probe_train].layers]:
+        views = {b: (s if layer is None else s.view(layer)) for b, s in stores.items()}
+        x = {b: image_features(v) for b, v in views.items()}
+        y = {b: [labels[b][i] for i in v.ids] for b, v in views.items()}
+        result = fit_and_evaluate(
+            x[pcfg.probe_train],
+            y[pcfg.probe_train],
+            {"test": (x[pcfg.probe_test], y[pcfg.probe_test])},
+            len(train.classes),
+            multilabel,
+            seed=cfg.seed,
+        )
+        out[layer] = result["test"]["test"]["mAP" if multilabel else "accuracy"]
+    return out
 
 
 def proxy_table(table: pd.DataFrame, files: list[Path]) -> pd.DataFrame:
