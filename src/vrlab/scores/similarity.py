@@ -143,7 +143,8 @@ def null_calibrated(
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     raw = fn(x, y)
     gen = torch.Generator().manual_seed(seed)
-    null = torch.tensor([fn(x, y[torch.randperm(len(y), generator=gen)]) for _ in range(permutations)])
+    perms = [torch.randperm(len(y), generator=gen).to(y.device) for _ in range(permutations)]
+    null = torch.tensor([fn(x, y[p]) for p in perms])
     mean, std = float(null.mean()), float(null.std())
     return {
         "raw": raw,

@@ -17,7 +17,14 @@ from rich.table import Table
 
 from vrlab.errors import VrlabError
 from vrlab.extract import run_extraction
-from vrlab.runtime import atomic_write_bytes, atomic_write_json, run_dir, seed_everything, to_plain
+from vrlab.runtime import (
+    atomic_write_bytes,
+    atomic_write_json,
+    resolve_device,
+    run_dir,
+    seed_everything,
+    to_plain,
+)
 from vrlab.scores.law import benchmarks_of, read_table
 from vrlab.scores.proxy_fit import fit_proxies, ranking_frame
 from vrlab.scores.similarity import MEASURES, measure, null_calibrated
@@ -92,6 +99,9 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
                 f"{missing[:3]}; use a caption card (e.g. synth-retrieval, coco-karpathy-test)"
             )
         sides["llm"] = caption_features(str(pcfg.llm), [captions[i] for i in store.ids], int(pcfg.llm_layer))
+    device = resolve_device(cfg.device)  # the measures run where the features are: the GPU when present
+    layer_sets = {k: v.to(device) for k, v in layer_sets.items()}
+    sides = {k: v.to(device) for k, v in sides.items()}
     values: dict[str, Any] = {}
     detail: dict[str, Any] = {}
     if pcfg.probe_train:  # linear-probe accuracy as a proxy, per recorded layer too
