@@ -31,6 +31,7 @@ TASKS = {
     "law_table": "vrlab.tasks.law:law_table_task",
     "law_fit": "vrlab.tasks.law:law_fit_task",
     "proxies": "vrlab.tasks.proxies:proxies_task",
+    "pretrain_encoder": "vrlab.tasks.pretrain:pretrain_task",
     "proxy_fit": "vrlab.tasks.proxies:proxy_fit_task",
     "law_policy": "vrlab.tasks.law:law_policy_task",
     "law_recommend": "vrlab.tasks.law:law_recommend_task",
