@@ -104,6 +104,30 @@ def _background(rng: np.random.Generator, size: tuple[int, int], style: str) -> 
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    background: Image.Image,
+    rng: np.random.Generator,
+    shape: str,
+    colour: str,
+    pose: tuple[float, float, float, float],
+    style: str,
+) -> SceneObject:
+    """Draw one shape at `pose` (centre x, centre y, radius, angle); photo style jitters its colour."""
+    cx, cy, r, angle = pose
+    w, h = background.size
+    pts = shape_points(shape, cx, cy, r, angle)
+    fill = np.array(COLOURS[colour])
+    if style == "photo":
+        fill = np.clip(fill * rng.uniform(0.7, 1.1) + rng.normal(0, 10, 3), 0, 255)
+    draw.polygon(pts, fill=tuple(int(v) for v in fill), outline=(20, 20, 20) if style == "flat" else None)
+    if shape == "ring":
+        hole = background.getpixel((min(int(cx), w - 1), min(int(cy), h - 1)))
+        draw.polygon(shape_points("circle", cx, cy, r * 0.55, 0.0), fill=hole)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return SceneObject(shape, colour, (min(xs), min(ys), max(xs), max(ys)), pts)
+
+
 def render_scene(
     rng: np.random.Generator,
     size: tuple[int, int] = (96, 128),
@@ -129,17 +153,8 @@ def render_scene(
             ):
                 break
         shape, colour = str(rng.choice(shapes)), str(rng.choice(colours))
-        pts = shape_points(shape, cx, cy, r, float(rng.uniform(0, 2 * np.pi)))
-        fill = np.array(COLOURS[colour])
-        if style == "photo":
-            fill = np.clip(fill * rng.uniform(0.7, 1.1) + rng.normal(0, 10, 3), 0, 255)
-        fill_t = tuple(int(v) for v in fill)
-        draw.polygon(pts, fill=fill_t, outline=(20, 20, 20) if style == "flat" else None)
-        if shape == "ring":
-            hole = background.getpixel((min(int(cx), w - 1), min(int(cy), h - 1)))
-            draw.polygon(shape_points("circle", cx, cy, r * 0.55, 0.0), fill=hole)
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        objects.append(SceneObject(shape, colour, (min(xs), min(ys), max(xs), max(ys)), pts))
+        angle = float(rng.uniform(0, 2 * np.pi))
+        objects.append(draw_shape(draw, background, rng, shape, colour, (cx, cy, r, angle), style))
     if style == "photo":
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
     return Scene(img, objects, style)

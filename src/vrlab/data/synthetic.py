@@ -15,12 +15,14 @@ from PIL import Image
 
 from vrlab.data.questions import ONE_WORD, pick_question, write_lmms_tasks
 from vrlab.data.scenes import COLOURS, SHAPES, Scene, SceneObject, render_scene, write_demo_images
+from vrlab.data.semantic_pairs import write_semantic_spair
 
 __all__ = ["COLOURS", "SHAPES", "make_benchmark", "write_demo_images"]
 
 
 DEFAULT_SIZES = {
     "spair_pairs_per_category": 4,  # correspondence pairs (SPair-71k layout, test split)
+    "semantic_pairs_per_category": 4,  # pairs of two instances of a category, at 64 px (synth-spair-semantic)
     "voc_per_split": 48,  # multi-label scenes per split (VOC2007 layout, trainval and test)
     "folder_per_class": 8,  # single-label images per class and split (ImageFolder layout, train and test)
     "visda_per_class": 8,  # per class and domain (VisDA-2017 layout, train = flat, validation = photo)
@@ -321,6 +323,12 @@ def make_benchmark(
     counts = {
         "spair": write_spair(
             tmp / "spair", np.random.default_rng([seed, 1]), sizes["spair_pairs_per_category"], image_size
+        ),
+        "spair_semantic": write_semantic_spair(
+            tmp / "spair_semantic",
+            np.random.default_rng([seed, 9]),
+            sizes["semantic_pairs_per_category"],
+            (64, 64),
         ),
         "voc": write_voc(tmp / "voc", np.random.default_rng([seed, 2]), sizes["voc_per_split"], image_size),
         "folder": write_image_folder(
