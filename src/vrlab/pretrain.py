@@ -215,7 +215,7 @@ def pretrain(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "model")
