@@ -43,6 +43,8 @@ def test_a_layer_view_equals_a_single_layer_extraction(tiny_root, data_root, tmp
     assert not torch.equal(multi.view(1).load(), multi.view(-1).load())
     with pytest.raises(VrlabError, match="not 5"):
         multi.view(5)
+    with pytest.raises(VrlabError, match="already the view of layer 1"):
+        multi.view(1).view(0)
 
 
 def test_all_layers_and_bad_requests(tiny_root, data_root, tmp_path):
@@ -52,5 +54,11 @@ def test_all_layers_and_bad_requests(tiny_root, data_root, tmp_path):
         run_extraction(request(tiny_root, data_root, tmp_path, layers=[7]))
     with pytest.raises(VrlabError, match="must be a list of layer indices"):
         request(tiny_root, data_root, tmp_path, layers="last")
+    with pytest.raises(
+        VrlabError, match="fixed-grid tower's layers, not 'tiny/clip' under resolution=anyres"
+    ):
+        run_extraction(
+            request(tiny_root, data_root, tmp_path, layers=[-1], encoder_args={"resolution": "anyres"})
+        )
     with pytest.raises(VrlabError, match="transformers backend"):
         run_extraction(request(tiny_root, data_root, tmp_path, encoder="tiny/eva02-timm", layers=[-1]))

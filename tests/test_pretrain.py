@@ -118,3 +118,11 @@ def test_the_task_registers_a_card(compose_cfg, data_root, tmp_path):
                 f"paths.data={data_root}",
             )
         )
+
+
+def test_contrastive_kinds_need_two_images_a_batch(scenes, tmp_path):
+    (paths, _, captions), _ = scenes
+    with pytest.raises(VrlabError, match="batch_size must be >= 2"):
+        pretrain(paths, tmp_path, PretrainSettings("clip", 5, batch_size=1), captions=captions)
+    with pytest.raises(VrlabError, match="needs at least 2"):
+        pretrain(paths[:1], tmp_path, PretrainSettings("ssl", 5))

@@ -156,3 +156,13 @@ def test_proxies_and_proxy_fit_tasks(compose_cfg, tiny_root, data_root, tmp_path
     table[["representation", "C", "A_vqa", "A_mc", "vqa", "mc"]].to_csv(plain_csv, index=False)
     law = run_task(compose_cfg("task=law_fit", f"law.table={plain_csv}", *common))
     assert out["results"]["A+C"]["mean_loo_r2"] == pytest.approx(law["mean"]["loo_r2"]["AC"], abs=1e-12)
+
+
+def test_a_constant_proxy_is_left_out_not_fatal(table):
+    flat = table.assign(probe=100.0)  # a probe that saturates predicts nothing
+    fit = fit_proxies(flat, ["A", "C", "probe"], ["vqa"], bootstrap=20)
+    assert "probe" in fit["skipped"] and "constant" in fit["skipped"]["probe"]
+    assert "A+C" in fit["ranking"] and "A+probe" not in fit["ranking"]
+    # each candidate's intervals are its own: leaving another proxy out changes none of them
+    alone = fit_proxies(flat, ["A", "C"], ["vqa"], bootstrap=20)
+    assert alone["results"]["A"]["mean_loo_r2_interval"] == fit["results"]["A"]["mean_loo_r2_interval"]

@@ -157,6 +157,13 @@ def test_null_calibrated_scores():
     assert again == null_calibrated(measure("cka"), x, related, permutations=10, seed=0)  # seeded
 
 
+def test_svcca_warns_where_its_raw_value_means_nothing():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(20, 64)), rng.normal(size=(20, 64))  # unrelated, wide, few samples
+    with pytest.warns(UserWarning, match="near 1 for any features"):
+        assert svcca(a, b) > 0.9
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ShapeError, match="same n samples"):
         linear_cka(np.zeros((5, 2)), np.zeros((6, 2)))

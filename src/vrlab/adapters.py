@@ -177,6 +177,12 @@ class MLPAdapter(nn.Module):
         return torch.cat([head, torch.cat([grid, newline], dim=1).reshape(rows * (cols + 1), -1)])
 
 
+def is_token_wise(kind: Any) -> bool:
+    """Whether an adapter type maps each token on its own (`linear`, `mlp<N>x_gelu`): the types that take a
+    token count per image (the anyres and native strategies)."""
+    return kind == "linear" or bool(re.fullmatch(r"mlp\d+x_gelu", str(kind)))
+
+
 def build_adapter(config: Mapping[str, Any]) -> nn.Module:
     """An adapter from its config: `type`, `in_dim`, `out_dim` and the type's options."""
     cfg = dict(config)
@@ -187,7 +193,7 @@ def build_adapter(config: Mapping[str, Any]) -> nn.Module:
         for k, v in cfg.items()
         if k not in ("encoder", "llm", "num_tokens_in", "template", "stage", "encoder_args", "tuned_encoder")
     }
-    if kind == "linear" or re.fullmatch(r"mlp\d+x_gelu", str(kind)):
+    if is_token_wise(kind):
         return MLPAdapter(kind, in_dim, out_dim, newline=bool(options.get("newline")))
     if kind == "qformer":
         return QFormerAdapter(in_dim, out_dim, **options)

@@ -353,6 +353,11 @@ def run_extraction(request: ExtractionRequest, *, distributed: bool = False) -> 
         settings["tuned_tower"] = tuned
     views = None
     if r.layers:
+        if getattr(encoder, "strategy", "fixed") != "fixed":
+            raise VrlabError(
+                f"extract.layers records a fixed-grid tower's layers, not '{encoder.name}' under "
+                f"resolution={encoder.strategy}"
+            )
         if not hasattr(encoder, "layer_indices"):
             raise VrlabError(
                 f"extract.layers needs a tower of the transformers backend; '{encoder.name}' is a "

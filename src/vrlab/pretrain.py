@@ -64,6 +64,10 @@ class PretrainSettings:
             raise VrlabError("pretrain.kind=random is the untrained init: set pretrain.steps=0")
         if self.kind != "random" and self.steps < 1:
             raise VrlabError(f"pretrain.kind={self.kind} needs pretrain.steps >= 1 (0 steps is kind=random)")
+        if self.kind in ("clip", "ssl") and self.batch_size < 2:
+            raise VrlabError(
+                f"pretrain.kind={self.kind} contrasts the images of a batch: pretrain.batch_size must be >= 2"
+            )
         if self.image_size % self.patch_size:
             raise VrlabError(
                 f"pretrain.image_size={self.image_size} is not a multiple of pretrain.patch_size={self.patch_size}"
@@ -162,8 +166,8 @@ def pretrain(
 
     s = settings
     s.check()
-    if not images:
-        raise VrlabError("pretrain: the benchmark has no images")
+    if len(images) < 2:
+        raise VrlabError(f"pretrain: {len(images)} image(s); pre-training needs at least 2")
     if s.kind == "clip" and (captions is None or len(captions) != len(images)):
         raise VrlabError(
             "pretrain.kind=clip needs one caption per image: use a caption card (e.g. synth-retrieval)"
@@ -189,8 +193,12 @@ def pretrain(
     losses: list[float] = []
     start = time.perf_counter()
     model.train()
+    order: list[int] = []
+    size = min(s.batch_size, len(pixels))
     for _ in tqdm(range(s.steps), desc=f"pretrain {s.kind}", disable=not progress or not s.steps):
-        idx = torch.randint(0, len(pixels), (min(s.batch_size, len(pixels)),), generator=gen)
+        if len(order) < size:  # epochs of a seeded shuffle: no image twice in a batch (a false negative)
+            order += torch.randperm(len(pixels), generator=gen).tolist()
+        idx, order = torch.tensor(order[:size]), order[size:]
         x = pixels[idx]
         if s.kind == "clip":
             pooled_img = model.vision_model(pixel_values=x).pooler_output

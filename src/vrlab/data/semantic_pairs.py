@@ -36,7 +36,8 @@ def _instance(
     style: str,
 ) -> tuple[Image.Image, object, tuple[float, float, float, float]]:
     h, w = size
-    cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
+    m = 1.1 * r  # a cross's corners reach 1.06 r: every keypoint stays inside the image
+    cx, cy = float(rng.uniform(m, w - m)), float(rng.uniform(m, h - m))
     background = _background(rng, size, style)
     image = background.copy()
     obj = draw_shape(ImageDraw.Draw(image), background, rng, shape, colour, (cx, cy, r, angle), style)

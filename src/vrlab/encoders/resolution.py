@@ -259,10 +259,11 @@ class ResolutionEncoder(VisionEncoder):
                 f"resolution=native needs a tower with interpolable or 2D-RoPE positions through the "
                 f"transformers backend; '{base.name}' is a {type(base).__name__}"
             )
-        unknown = sorted(set(options) - {"grid_pinpoints", "grid_pinpoints_tiles", "max_tokens"})
+        allowed = {"anyres": {"grid_pinpoints", "grid_pinpoints_tiles"}, "native": {"max_tokens"}}[strategy]
+        unknown = sorted(set(options) - allowed)
         if unknown:
             raise VrlabError(
-                f"unknown resolution option(s) {unknown}; anyres takes grid_pinpoints, native max_tokens"
+                f"resolution option(s) {unknown} do not apply to {strategy}; it takes {sorted(allowed)}"
             )
         self.base, self.strategy = base, strategy
         grid = base.grid

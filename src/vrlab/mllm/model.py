@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vrlab.adapters import MLPAdapter, build_adapter, load_adapter
+from vrlab.adapters import build_adapter, is_token_wise, load_adapter
 from vrlab.checkpoint import TOWER_FILE, VLM_CONFIG, load_tower, read_adapter_config, save_adapter
 from vrlab.data.images import pad_to_square
 from vrlab.encoders.base import move_pixels
@@ -123,6 +123,12 @@ class VisionLanguageModel(nn.Module):
     ) -> VisionLanguageModel:
         """A fresh model: encoder from the registry, LLM by `from_pretrained`, a new adapter."""
         enc = load_encoder(encoder, encoder_args, compose, registry=registry_cfg)
+        strategy = getattr(enc, "strategy", "fixed")
+        if strategy != "fixed" and not is_token_wise(adapter.get("type")):  # before the LLM loads
+            raise VrlabError(
+                f"'{enc.name}' runs at resolution={strategy}, a token count per image: the adapter must "
+                f"map token by token (linear or mlp2x_gelu), not '{adapter.get('type')}'"
+            )
         lm, tokenizer = load_llm(llm, trust_remote_code)
         adapter_cfg = dict(adapter)
         adapter_cfg.update(in_dim=enc.dim, out_dim=_hidden_size(lm), encoder=enc.name, llm=llm)
@@ -130,13 +136,7 @@ class VisionLanguageModel(nn.Module):
         if adapter_cfg.get("type") == "tg":
             guide_model, guide_tokenizer = load_text_tower(text_tower)
             adapter_cfg.update(num_tokens=enc.num_tokens, text_dim=int(guide_model.config.hidden_size))
-        strategy = getattr(enc, "strategy", "fixed")
         if strategy != "fixed":
-            if not isinstance(build_adapter({**adapter_cfg, "in_dim": 1, "out_dim": 1}), MLPAdapter):
-                raise VrlabError(
-                    f"'{enc.name}' runs at resolution={strategy}, a token count per image: the adapter must "
-                    f"map token by token (linear or mlp2x_gelu), not '{adapter_cfg.get('type')}'"
-                )
             adapter_cfg["newline"] = strategy == "anyres"  # LLaVA-NeXT's newline after each row of tiles
         config = {
             "encoder": enc.card.to_dict(),

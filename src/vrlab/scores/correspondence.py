@@ -313,6 +313,11 @@ def correspondence(
         tokens = flipped(item_id) if flip else store.tokens(item_id)
         if ragged:  # the last view, whose frame keypoints are placed in (anyres: the unpadded tiles)
             rows, cols = store.layout(item_id).views[-1]
+            if not rows or not cols:
+                raise VrlabError(
+                    f"image '{item_id}' of store {store.path} keeps no tile cells after unpadding (an aspect "
+                    f"ratio of {store.layout(item_id).size}): anyres cannot place its keypoints"
+                )
             tokens = tokens[-rows * cols :]
         return tokens
 

@@ -74,11 +74,11 @@ def fit_proxies(
         raise VrlabError("the table has no benchmark score columns to predict")
     plain = [p for p in proxies if "@" not in p]  # a layer sweep's columns are judged one by one
     candidates = [(p,) for p in proxies] + (list(itertools.combinations(plain, 2)) if pairs else [])
-    rng = np.random.default_rng(seed)
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    for combo in candidates:
+    for n_combo, combo in enumerate(candidates):
         name = "+".join(combo)
+        rng = np.random.default_rng([seed, n_combo])  # one stream per candidate: its intervals are its own
         per_bench, boot_r2, boot_rho = {}, [], []
         for b in benchmarks:
             cols = [proxy_column(table, p, b) for p in combo]
@@ -90,8 +90,12 @@ def fit_proxies(
                     f"{degree} fit on {len(combo)} proxies needs at least {need} for leave-one-out"
                 )
                 break
-            x = np.column_stack([minmax(rows[c].to_numpy(float), c) for c in cols])
-            y = minmax(rows[b].to_numpy(float), b)
+            try:
+                x = np.column_stack([minmax(rows[c].to_numpy(float), c) for c in cols])
+                y = minmax(rows[b].to_numpy(float), b)
+            except VrlabError as exc:  # a constant proxy (a saturated probe) or score predicts nothing
+                skipped[name] = f"benchmark '{b}': {exc}"
+                break
             pred = loo_predictions(x, y, degree)
             idx = rng.integers(0, len(y), size=(bootstrap, len(y)))
             r2s = [float(r2_score(y[i], pred[i])) if np.ptp(y[i]) > 0 else math.nan for i in idx]

@@ -19,6 +19,7 @@ measures L2-normalise rows first (cosine neighbours), as the Platonic code's cal
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,13 @@ def svcca(x: Any, y: Any, keep: float = 0.99) -> float:
     if not 0 < keep <= 1:
         raise VrlabError(f"svcca keep={keep} must be in (0, 1]")
     qx, qy = _reduce(x, keep), _reduce(y, keep)
+    if max(qx.shape[1], qy.shape[1]) > len(x) // 2:
+        # kept directions near the sample count overlap whatever the data: raw SVCCA then nears 1
+        warnings.warn(  # once per place, not once per permutation of the null
+            f"svcca keeps {qx.shape[1]} and {qy.shape[1]} directions of {len(x)} samples: its raw value is near 1 "
+            "for any features at this size; compare the null-calibrated z, or lower proxy.keep",
+            stacklevel=2,
+        )
     # canonical correlations of two orthonormal bases: the singular values of their cross product
     corr = torch.linalg.svdvals(qx.T @ qy)
     return float(corr[: min(qx.shape[1], qy.shape[1])].clamp(max=1.0).mean())

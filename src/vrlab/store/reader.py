@@ -52,6 +52,10 @@ class EmbeddingStore:
     def view(self, layer: int) -> EmbeddingStore:
         """The store of one recorded layer (`extract.layers`): its tokens, and the key and settings a
         single-layer extraction of that layer has, so results computed from it are that extraction's."""
+        if self.manifest.get("view_of"):
+            raise VrlabError(
+                f"this is already the view of layer {self.manifest['view_of']['layer']}; take views of {self.path}"
+            )
         views = self.manifest.get("layer_views") or {}
         if str(layer) not in views:
             raise VrlabError(

@@ -39,7 +39,12 @@ def pretrain_task(cfg: Any) -> dict[str, Any]:
     name = pcfg.get("name") or f"pretrained/{settings.kind}-{settings.steps}"
     out = Path(
         pcfg.get("out")
-        or run_dir(cfg.paths.outputs, "pretrain", name, {**vars(settings), "data": pcfg["data"]})
+        or run_dir(
+            cfg.paths.outputs,
+            "pretrain",
+            name,
+            {**vars(settings), "data": pcfg["data"], "limit": pcfg.get("limit")},
+        )
     )
     record = pretrain([it.path for it in items], out, settings, captions=captions, labels=labels, name=name)
     if pcfg.get("cards"):  # a card folder for registry.encoder_dirs

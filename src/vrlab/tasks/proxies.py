@@ -39,22 +39,28 @@ def image_features(store: Any, n: int | None = None) -> torch.Tensor:
     return torch.stack([store.tokens(i).float().mean(0) for i in ids])
 
 
-def caption_features(llm: str, captions: list[str], layer: int = -1, batch_size: int = 16) -> torch.Tensor:
+def caption_features(
+    llm: str, captions: list[str], layer: int = -1, batch_size: int = 16, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """An LLM's features of captions `[N, H]`: the mean over each caption's tokens of hidden layer `layer`
-    (the Platonic Representation setting), by `from_pretrained`."""
+    (the Platonic Representation setting), by `from_pretrained` (bf16 on a GPU)."""
     from transformers import AutoModel, AutoTokenizer
 
+    device = torch.device(device)
     tokenizer = AutoTokenizer.from_pretrained(llm)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(llm).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModel.from_pretrained(llm, dtype=dtype).to(device).eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(captions), batch_size):
-            enc = tokenizer(captions[start : start + batch_size], padding=True, return_tensors="pt")
-            hidden = model(**enc, output_hidden_states=True).hidden_states[layer]
+            enc = tokenizer(captions[start : start + batch_size], padding=True, return_tensors="pt").to(
+                device
+            )
+            hidden = model(**enc, output_hidden_states=True).hidden_states[layer].float()
             mask = enc.attention_mask.unsqueeze(-1).to(hidden.dtype)
-            out.append((hidden * mask).sum(1) / mask.sum(1))
+            out.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
     return torch.cat(out).double()
 
 
@@ -71,7 +77,10 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
             "task=proxies needs proxy.references=[<encoder>, ...], proxy.llm=<LLM> or proxy.probe_train=<benchmark>"
         )
     seed_everything(cfg.seed)
-    store = run_extraction(extraction_request(cfg, cfg.encoder, pcfg.benchmark, limit=pcfg.n_images))
+    tower = cfg.get("encoder_weights")
+    store = run_extraction(
+        extraction_request(cfg, cfg.encoder, pcfg.benchmark, limit=pcfg.n_images, encoder_weights=tower)
+    )
     # extract.layers: every recorded layer is a candidate too, as columns <measure>@<layer>
     layer_sets = {None: image_features(store)} | {k: image_features(store.view(k)) for k in store.layers}
     ours = layer_sets[None]
@@ -98,7 +107,12 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
                 f"proxy.llm needs a caption per image, but benchmark '{pcfg.benchmark}' has none for "
                 f"{missing[:3]}; use a caption card (e.g. synth-retrieval, coco-karpathy-test)"
             )
-        sides["llm"] = caption_features(str(pcfg.llm), [captions[i] for i in store.ids], int(pcfg.llm_layer))
+        sides["llm"] = caption_features(
+            str(pcfg.llm),
+            [captions[i] for i in store.ids],
+            int(pcfg.llm_layer),
+            device=resolve_device(cfg.device),
+        )
     device = resolve_device(cfg.device)  # the measures run where the features are: the GPU when present
     layer_sets = {k: v.to(device) for k, v in layer_sets.items()}
     sides = {k: v.to(device) for k, v in sides.items()}
@@ -168,7 +182,10 @@ def probe_accuracy(cfg: Any) -> dict[int | None, float]:
     train, test = benches[pcfg.probe_train], benches[pcfg.probe_test]
     if train.classes != test.classes:
         raise VrlabError(f"proxy.probe_test '{pcfg.probe_test}' has other classes than '{pcfg.probe_train}'")
-    stores = {b: run_extraction(extraction_request(cfg, cfg.encoder, b)) for b in benches}
+    tower = cfg.get("encoder_weights")
+    stores = {
+        b: run_extraction(extraction_request(cfg, cfg.encoder, b, encoder_weights=tower)) for b in benches
+    }
     labels = {b: {it.id: it.label for it in benches[b].items} for b in benches}
     multilabel = train.task == "multilabel"
     out: dict[int | None, float] = {}
