@@ -41,7 +41,7 @@ def checkpoint(tmp_path_factory, tiny_root):
 @pytest.fixture(scope="module")
 def lmms_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmmsdata")
-    write_lmms_tasks(root / "synthetic" / "lmms", np.random.default_rng(0), 8, (96, 128))
+    write_lmms_tasks(root / "synthetic" / "lmms", np.random.default_rng(0), 8, (96, 128), kind_count=6)
     return root
 
 
@@ -293,6 +293,23 @@ def test_lmms_benchmark_images_in_doc_and_law_order(env):
     assert law.settings()["order"] == "law" and doc.settings()["order"] == "doc"
     with pytest.raises(VrlabError, match="order='longest'"):
         load_benchmark("lmms:synth_vqa", env, overrides={"order": "longest"})
+
+
+@pytest.mark.parametrize("kind", ["colour", "shape", "count", "position"])
+def test_one_task_per_question_kind(env, kind):
+    from PIL import Image
+
+    from vrlab.data.benchmarks import load_benchmark
+
+    table = pd.read_parquet(env / f"synthetic/lmms/synth_{kind}.parquet")
+    assert len(table) == 6 and set(table["kind"]) == {kind}
+    assert all(
+        0 <= lab < len(ch) and ch[lab] == ans
+        for lab, ch, ans in zip(table["label"], table["choices"], table["answer"], strict=True)
+    )
+    # lmms-eval's own task manager resolves the task (its YAML includes the shared template) and its images
+    bench = load_benchmark(f"lmms:synth_{kind}", env)
+    assert len(bench.items) == 6 and Image.open(bench.items[0].path).size == (64, 64)
 
 
 def _eval_json(path, rep, score, limit=6):

@@ -20,6 +20,13 @@ from vrlab.data.scenes import COLOURS, SHAPES, Scene, render_scene
 NUMBERS = ("zero", "one", "two", "three", "four")
 ONE_WORD = "Answer with one word."
 LMMS_TASK_NAMES = ("synth_vqa", "synth_mc")
+# one multiple-choice task per question kind, each a benchmark of the law (64 px scenes, shapes learnable)
+KIND_TASKS = {
+    "synth_colour": "colour",
+    "synth_shape": "shape",
+    "synth_count": "count",
+    "synth_position": "position",
+}
 
 
 def _centre_x(obj: Any) -> float:
@@ -85,11 +92,21 @@ def pick_question(scene: Scene, width: int, rng: np.random.Generator) -> dict[st
     return of_kind[int(rng.integers(len(of_kind)))]
 
 
-def _task_rows(rng: np.random.Generator, count: int, size: tuple[int, int]) -> list[dict[str, Any]]:
-    rows = []
-    for i in range(count):
+def _task_rows(
+    rng: np.random.Generator, count: int, size: tuple[int, int], kind: str | None = None
+) -> list[dict[str, Any]]:
+    """`count` questions, one per scene: of a random kind, or all of `kind` (scenes without one are skipped)."""
+    rows: list[dict[str, Any]] = []
+    while len(rows) < count:
+        i = len(rows)
         scene = render_scene(rng, size, n_objects=(1, 3), style="flat" if i % 2 == 0 else "photo")
-        q = pick_question(scene, size[1], rng)
+        if kind is None:
+            q = pick_question(scene, size[1], rng)
+        else:
+            of_kind = [q for q in scene_questions(scene, size[1]) if q["kind"] == kind]
+            if not of_kind:
+                continue
+            q = of_kind[int(rng.integers(len(of_kind)))]
         buf = io.BytesIO()
         scene.image.save(buf, format="PNG")
         rows.append(
@@ -106,9 +123,17 @@ def _task_rows(rng: np.random.Generator, count: int, size: tuple[int, int]) -> l
     return rows
 
 
-def write_lmms_tasks(root: Path, rng: np.random.Generator, count: int, size: tuple[int, int]) -> int:
+def write_lmms_tasks(
+    root: Path,
+    rng: np.random.Generator,
+    count: int,
+    size: tuple[int, int],
+    kind_count: int = 0,
+    kind_size: tuple[int, int] = (64, 64),
+) -> int:
     """`root/<task>.parquet` for each local task: `count` questions, one per scene, each task on scenes of
-    its own (so A on each benchmark's images is A on different images)."""
+    its own (so A on each benchmark's images is A on different images); with `kind_count`, also one task of
+    that many questions per kind (`KIND_TASKS`) on `kind_size` scenes."""
     from datasets import Dataset, Features, Image, Sequence, Value
 
     root.mkdir(parents=True, exist_ok=True)
@@ -126,4 +151,7 @@ def write_lmms_tasks(root: Path, rng: np.random.Generator, count: int, size: tup
     for name in LMMS_TASK_NAMES:
         rows = _task_rows(rng, count, size)
         Dataset.from_list(rows, features=features).to_parquet(str(root / f"{name}.parquet"))
-    return count * len(LMMS_TASK_NAMES)
+    for name, kind in KIND_TASKS.items() if kind_count else ():
+        rows = _task_rows(rng, kind_count, kind_size, kind)
+        Dataset.from_list(rows, features=features).to_parquet(str(root / f"{name}.parquet"))
+    return count * len(LMMS_TASK_NAMES) + kind_count * len(KIND_TASKS)

@@ -29,6 +29,7 @@ DEFAULT_SIZES = {
     "imagenet_c_per_class": 1,  # clean test images per class, each corrupted 15 x 5 times (ImageNet-C layout)
     "llava": 48,  # LLaVA JSON samples (captions and conversations share the images)
     "lmms": 48,  # questions of each local lmms-eval task (synth_vqa, synth_mc), on scenes of their own
+    "lmms_per_kind": 48,  # questions of each per-kind task (synth_colour, _shape, _count, _position), at 64 px
     "captions": 64,  # images with a short and a long caption (retrieval and LLM2CLIP), on scenes of their own
 }
 
@@ -347,7 +348,9 @@ def make_benchmark(
             list_file=True,
         ),
         "llava": write_llava(tmp / "llava", np.random.default_rng([seed, 6]), sizes["llava"], image_size),
-        "lmms": write_lmms_tasks(tmp / "lmms", np.random.default_rng([seed, 7]), sizes["lmms"], image_size),
+        "lmms": write_lmms_tasks(
+            tmp / "lmms", np.random.default_rng([seed, 7]), sizes["lmms"], image_size, sizes["lmms_per_kind"]
+        ),
         "captions": write_captions(
             tmp / "captions", np.random.default_rng([seed, 8]), sizes["captions"], image_size
         ),
