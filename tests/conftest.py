@@ -144,6 +144,25 @@ def logit_gap(photo_files):
     return gap
 
 
+def task_args(data_root, cards, llm_dir, small_batches: bool = False) -> list[str]:
+    """Overrides the MLLM task tests share: the generated data, the tiny cards, tiny CLIP and the tiny Llama
+    (with `small_batches`, both stages' batches of 4 and no bf16)."""
+    args = [
+        f"paths.data={data_root}",
+        f"registry.encoder_dirs=[{cards}]",
+        "encoder=tiny/clip",
+        "llm=demo",
+        f"llm.source={llm_dir}",
+    ]
+    if small_batches:
+        args += [
+            "train.stage1.per_device_train_batch_size=4",
+            "train.stage2.per_device_train_batch_size=4",
+            "train.stage1.bf16=false",
+        ]
+    return args
+
+
 def decode_photo(path: Path) -> torch.Tensor:
     from torchvision.transforms.functional import pil_to_tensor
 

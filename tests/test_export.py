@@ -15,10 +15,14 @@ def llm(tmp_path_factory):
     return build_llm(tmp_path_factory.mktemp("llm") / "llama", corpus=default_corpus())
 
 
-def saved(tiny_root, llm, folder, encoder, adapter):
+def saved(tiny_root, llm, folder, encoder, adapter, **encoder_args):
     torch.manual_seed(0)
     model = VisionLanguageModel.build(
-        encoder, str(llm), adapter, registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]}
+        encoder,
+        str(llm),
+        adapter,
+        registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
+        encoder_args=encoder_args or None,
     )
     for p in model.adapter.parameters():  # not an identity-looking init: every weight matters
         p.data.normal_(0, 0.2)
@@ -73,17 +77,7 @@ def test_anyres_exports_to_llava_next_with_equal_logits(tiny_root, llm, tmp_path
 
     from vrlab.mllm.data import generation_batch
 
-    torch.manual_seed(0)
-    model = VisionLanguageModel.build(
-        "tiny/clip",
-        str(llm),
-        {"type": "mlp2x_gelu"},
-        registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
-        encoder_args={"resolution": "anyres"},
-    )
-    for p in model.adapter.parameters():
-        p.data.normal_(0, 0.2)
-    ckpt = model.save_pretrained(tmp_path / "vlm")
+    ckpt = saved(tiny_root, llm, tmp_path / "vlm", "tiny/clip", {"type": "mlp2x_gelu"}, resolution="anyres")
     out = export_llava(ckpt, tmp_path / "hf")
     ours = VisionLanguageModel.from_pretrained(ckpt)
     theirs = LlavaNextForConditionalGeneration.from_pretrained(out).eval()
@@ -119,14 +113,6 @@ def test_anyres_exports_to_llava_next_with_equal_logits(tiny_root, llm, tmp_path
 
 
 def test_native_resolution_is_refused(tiny_root, llm, tmp_path):
-    torch.manual_seed(0)
-    model = VisionLanguageModel.build(
-        "tiny/clip",
-        str(llm),
-        {"type": "mlp2x_gelu"},
-        registry_cfg={"encoder_dirs": [str(tiny_root / "cards")]},
-        encoder_args={"resolution": "native"},
-    )
-    ckpt = model.save_pretrained(tmp_path / "vlm")
+    ckpt = saved(tiny_root, llm, tmp_path / "vlm", "tiny/clip", {"type": "mlp2x_gelu"}, resolution="native")
     with pytest.raises(VrlabError, match="cannot export .*native has no LLaVA"):
         export_llava(ckpt, tmp_path / "hf")

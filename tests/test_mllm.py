@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import task_args
 
 from vrlab.checkpoint import save_adapter
 from vrlab.data.loaders import LlavaJsonLoader
@@ -488,27 +489,11 @@ def test_missing_image_file_is_named(tmp_path):
         LlavaJsonLoader(tmp_path, "c.json")
 
 
-def task_args(data_root, dirs, llm_dir):
-    """Overrides every task below shares: the generated data, the tiny cards, tiny CLIP and the tiny Llama."""
-    return [
-        f"paths.data={data_root}",
-        f"registry.encoder_dirs=[{dirs[0]}]",
-        "encoder=tiny/clip",
-        "llm=demo",
-        f"llm.source={llm_dir}",
-    ]
-
-
 @pytest.mark.slow
 def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_root, tmp_path):
     from vrlab.cli import run_task
 
-    common = [
-        *task_args(data_root, dirs, llm_dir),
-        "train.stage1.per_device_train_batch_size=4",
-        "train.stage2.per_device_train_batch_size=4",
-        "train.stage1.bf16=false",
-    ]
+    common = task_args(data_root, dirs[0], llm_dir, small_batches=True)
     s1 = run_task(
         compose_cfg(
             "task=train", "stage=1", "train.data=synth-captions", f"train.out={tmp_path / 's1'}", *common
@@ -575,7 +560,7 @@ def test_train_and_generate_tasks_end_to_end(compose_cfg, dirs, llm_dir, data_ro
 def test_caption_likelihood_task_and_the_law_table(compose_cfg, dirs, llm_dir, data_root, tmp_path):
     from vrlab.cli import run_task
 
-    common = task_args(data_root, dirs, llm_dir)
+    common = task_args(data_root, dirs[0], llm_dir)
     s1 = run_task(
         compose_cfg(
             "task=train",

@@ -245,20 +245,15 @@ def llm_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_stage1_and_stage2_train_with_anyres(compose_cfg, tiny_root, data_root, llm_dir, tmp_path):
+    from conftest import task_args
+
     from vrlab.cli import run_task
     from vrlab.encoders.resolution import ResolutionEncoder
     from vrlab.mllm.model import VisionLanguageModel
 
     common = [
-        f"paths.data={data_root}",
-        f"registry.encoder_dirs=[{tiny_root / 'cards'}]",
-        "encoder=tiny/clip",
+        *task_args(data_root, tiny_root / "cards", llm_dir, small_batches=True),
         "+encoder_args.resolution=anyres",
-        "llm=demo",
-        f"llm.source={llm_dir}",
-        "train.stage1.per_device_train_batch_size=4",
-        "train.stage2.per_device_train_batch_size=4",
-        "train.stage1.bf16=false",
     ]
     s1 = run_task(
         compose_cfg(

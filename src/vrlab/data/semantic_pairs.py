@@ -10,20 +10,13 @@ by the similarity transform target = c_t + (r_t / r_s) R(a_t - a_s) (source - c_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vrlab.data.scenes import COLOURS, SHAPES, _background, draw_shape
-
-ROUND = ("circle", "ring")
-
-
-def keypoints(shape: str, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """A shape's parts: its polygon corners (8 evenly spaced points of round shapes' 32)."""
-    return points[::4] if shape in ROUND else list(points)
+from vrlab.data.scenes import COLOURS, SHAPES, SceneObject, _background, draw_shape
+from vrlab.data.spair_layout import keypoints_of, write_layout, write_pair
 
 
 def _instance(
@@ -34,7 +27,7 @@ def _instance(
     r: float,
     angle: float,
     style: str,
-) -> tuple[Image.Image, object, tuple[float, float, float, float]]:
+) -> tuple[Image.Image, SceneObject, tuple[float, float, float, float]]:
     h, w = size
     m = 1.1 * r  # a cross's corners reach 1.06 r: every keypoint stays inside the image
     cx, cy = float(rng.uniform(m, w - m)), float(rng.uniform(m, h - m))
@@ -56,7 +49,7 @@ def write_semantic_spair(
     names: list[str] = []
     colours = list(COLOURS)
     for cat in SHAPES:
-        for k in range(pairs_per_category):
+        for _ in range(pairs_per_category):
             c_src = str(rng.choice(colours))
             c_trg = str(rng.choice([c for c in colours if c != c_src]))
             r_src = float(rng.uniform(0.22, 0.32) * min(h, w))
@@ -66,33 +59,19 @@ def write_semantic_spair(
             styles = [str(rng.choice(["flat", "photo"])) for _ in range(2)]
             src_img, src, src_pose = _instance(rng, size, cat, c_src, r_src, a_src, styles[0])
             trg_img, trg, trg_pose = _instance(rng, size, cat, c_trg, r_trg, a_trg, styles[1])
-            src_kps, trg_kps = keypoints(cat, src.points), keypoints(cat, trg.points)
-            src_name, trg_name = f"{cat}_{k:03d}_a.jpg", f"{cat}_{k:03d}_b.jpg"
-            for image, name in ((src_img, src_name), (trg_img, trg_name)):
-                path = root / "JPEGImages" / cat / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                image.save(path, quality=95)
-            pair = {
-                "pair_id": len(names) + 1,
-                "category": cat,
-                "src_imname": src_name,
-                "trg_imname": trg_name,
-                "src_imsize": [w, h, 3],
-                "trg_imsize": [w, h, 3],
-                "src_bndbox": [round(v, 3) for v in src.bbox],
-                "trg_bndbox": [round(v, 3) for v in trg.bbox],
-                "src_kps": [[round(x, 3), round(y, 3)] for x, y in src_kps],
-                "trg_kps": [[round(x, 3), round(y, 3)] for x, y in trg_kps],
-                "kps_ids": [str(i) for i in range(len(src_kps))],
-                "instances": {
+            src_kps, trg_kps = keypoints_of(src), keypoints_of(trg)
+            write_pair(
+                root,
+                names,
+                cat,
+                (src_img, trg_img),
+                size,
+                (src.bbox, trg.bbox),
+                (src_kps, trg_kps),
+                range(len(src_kps)),
+                instances={
                     "source": {"colour": c_src, "pose": list(src_pose), "style": styles[0]},
                     "target": {"colour": c_trg, "pose": list(trg_pose), "style": styles[1]},
                 },
-            }
-            name = f"{len(names) + 1:06d}-{Path(src_name).stem}-{Path(trg_name).stem}:{cat}"
-            (root / "PairAnnotation" / "test").mkdir(parents=True, exist_ok=True)
-            (root / "PairAnnotation" / "test" / f"{name}.json").write_text(json.dumps(pair, indent=1))
-            names.append(name)
-    (root / "Layout" / "large").mkdir(parents=True, exist_ok=True)
-    (root / "Layout" / "large" / "test.txt").write_text("\n".join(names) + "\n")
-    return 2 * len(names)
+            )
+    return write_layout(root, names)

@@ -16,6 +16,7 @@ from PIL import Image
 from vrlab.data.questions import ONE_WORD, pick_question, write_lmms_tasks
 from vrlab.data.scenes import COLOURS, SHAPES, Scene, SceneObject, render_scene, write_demo_images
 from vrlab.data.semantic_pairs import write_semantic_spair
+from vrlab.data.spair_layout import keypoints_of, write_layout, write_pair
 
 __all__ = ["COLOURS", "SHAPES", "make_benchmark", "write_demo_images"]
 
@@ -52,16 +53,6 @@ def warp_image(image: Image.Image, matrix: np.ndarray) -> Image.Image:
     )
 
 
-def keypoints_of(obj: SceneObject) -> list[tuple[float, float]]:
-    """Semantic keypoints of a shape: its polygon's corners (8 evenly spaced points on round shapes)."""
-    return obj.points[::4] if obj.shape in ("circle", "ring") else list(obj.points)
-
-
-def _save_jpeg(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, quality=95)
-
-
 def write_spair(root: Path, rng: np.random.Generator, pairs_per_category: int, size: tuple[int, int]) -> int:
     """Pairs in SPair-71k layout; the target is the source under a known warp, so keypoints are exact."""
     h, w = size
@@ -78,36 +69,19 @@ def write_spair(root: Path, rng: np.random.Generator, pairs_per_category: int, s
             if len(keep) < 3:
                 continue
             poly = np.array([(matrix @ np.array([x, y, 1.0]))[:2] for x, y in obj.points])
-            src_name, trg_name = f"{cat}_{made:03d}_a.jpg", f"{cat}_{made:03d}_b.jpg"
-            _save_jpeg(scene.image, root / "JPEGImages" / cat / src_name)
-            _save_jpeg(warp_image(scene.image, matrix), root / "JPEGImages" / cat / trg_name)
-            pair = {
-                "pair_id": len(names) + 1,
-                "category": cat,
-                "src_imname": src_name,
-                "trg_imname": trg_name,
-                "src_imsize": [w, h, 3],
-                "trg_imsize": [w, h, 3],
-                "src_bndbox": [round(v, 3) for v in obj.bbox],
-                "trg_bndbox": [
-                    round(float(poly[:, 0].min()), 3),
-                    round(float(poly[:, 1].min()), 3),
-                    round(float(poly[:, 0].max()), 3),
-                    round(float(poly[:, 1].max()), 3),
-                ],
-                "src_kps": [[round(src_kps[i][0], 3), round(src_kps[i][1], 3)] for i in keep],
-                "trg_kps": [[round(trg_all[i][0], 3), round(trg_all[i][1], 3)] for i in keep],
-                "kps_ids": [str(i) for i in keep],
-                "warp": matrix.tolist(),
-            }
-            name = f"{len(names) + 1:06d}-{Path(src_name).stem}-{Path(trg_name).stem}:{cat}"
-            (root / "PairAnnotation" / "test").mkdir(parents=True, exist_ok=True)
-            (root / "PairAnnotation" / "test" / f"{name}.json").write_text(json.dumps(pair, indent=1))
-            names.append(name)
+            write_pair(
+                root,
+                names,
+                cat,
+                (scene.image, warp_image(scene.image, matrix)),
+                size,
+                (obj.bbox, (poly[:, 0].min(), poly[:, 1].min(), poly[:, 0].max(), poly[:, 1].max())),
+                ([src_kps[i] for i in keep], [trg_all[i] for i in keep]),
+                keep,
+                warp=matrix.tolist(),
+            )
             made += 1
-    (root / "Layout" / "large").mkdir(parents=True, exist_ok=True)
-    (root / "Layout" / "large" / "test.txt").write_text("\n".join(names) + "\n")
-    return 2 * len(names)
+    return write_layout(root, names)
 
 
 def _voc_xml(image_id: str, scene: Scene, size: tuple[int, int]) -> str:

@@ -89,6 +89,14 @@ def load_quietly(cls: Any, source: str, kwargs: dict[str, Any], strict: bool = F
     return model.eval()
 
 
+def _check_layer(layer: int, n_layers: int, source: str, what: str) -> None:
+    """A hidden-state index must name one of the n+1 hidden states (0..n, or negative from the last)."""
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise VrlabError(
+            f"{what}{layer} is out of range for '{source}' ({n_layers} layers; hidden states 0..{n_layers})"
+        )
+
+
 class HFVisionEncoder(VisionEncoder):
     """A Hugging Face vision transformer, loaded with `from_pretrained`."""
 
@@ -154,10 +162,8 @@ class HFVisionEncoder(VisionEncoder):
         self.layer, self.use_pooled, self.source = int(layer), bool(pooled), source
         self.record_layers: list[int] = []  # set by extraction with extract.layers
         n_layers = getattr(vcfg, "num_hidden_layers", None)
-        if n_layers is not None and not -(n_layers + 1) <= self.layer <= n_layers:
-            raise VrlabError(
-                f"layer={layer} is out of range for '{source}' ({n_layers} layers; hidden states 0..{n_layers})"
-            )
+        if n_layers is not None:
+            _check_layer(self.layer, n_layers, source, "layer=")
         self.transform = image_transform(size, DEFAULT_NORMALIZE.get(model_type, "imagenet"), **transform)
         params = inspect.signature(self.model.forward).parameters
         # CLIP and SigLIP need to be told to resample position embeddings; DINOv2 always does.
@@ -252,12 +258,6 @@ class HFVisionEncoder(VisionEncoder):
         total = int(vcfg.num_hidden_layers)
         if layers == "all":
             return list(range(total + 1))
-        out = []
         for k in layers:
-            if not -(total + 1) <= int(k) <= total:
-                raise VrlabError(
-                    f"extract.layers: {k} is out of range for '{self.source}' ({total} layers; hidden states "
-                    f"0..{total}, or negative from the last)"
-                )
-            out.append(int(k))
-        return list(dict.fromkeys(out))
+            _check_layer(int(k), total, self.source, "extract.layers: ")
+        return list(dict.fromkeys(int(k) for k in layers))

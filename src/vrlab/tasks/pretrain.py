@@ -9,11 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vrlab.data.benchmarks import load_benchmark
 from vrlab.errors import VrlabError
 from vrlab.pretrain import PretrainSettings, pretrain
 from vrlab.runtime import run_dir, seed_everything, slug, to_plain
-from vrlab.tasks.config import registry_cfg
+from vrlab.tasks.config import benchmark_from_cfg
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ def pretrain_task(cfg: Any) -> dict[str, Any]:
     settings = PretrainSettings(**options, seed=int(cfg.seed))
     settings.check()  # a wrong kind or budget fails before any image is read
     seed_everything(cfg.seed)
-    bench = load_benchmark(pcfg["data"], cfg.paths.data, registry_cfg(cfg), {})
+    bench = benchmark_from_cfg(cfg, pcfg["data"], {})
     items = bench.items[: pcfg.get("limit") or None]
     captions = None
     if settings.kind == "clip":

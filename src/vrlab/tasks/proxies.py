@@ -28,7 +28,7 @@ from vrlab.runtime import (
 from vrlab.scores.law import benchmarks_of, read_table
 from vrlab.scores.proxy_fit import fit_proxies, ranking_frame
 from vrlab.scores.similarity import MEASURES, measure, null_calibrated
-from vrlab.tasks.config import extraction_request
+from vrlab.tasks.config import benchmark_from_cfg, extraction_request
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,7 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
             raise VrlabError(f"reference '{ref}' holds other images than '{cfg.encoder}' on {pcfg.benchmark}")
         sides[ref] = image_features(ref_store)
     if pcfg.llm:
-        from vrlab.data.benchmarks import load_benchmark
-        from vrlab.tasks.config import registry_cfg
-
-        bench = load_benchmark(pcfg.benchmark, cfg.paths.data, registry_cfg(cfg), {})
+        bench = benchmark_from_cfg(cfg, pcfg.benchmark, {})
         texts = getattr(bench, "captions", None) or []  # a caption card: items index their captions
         captions = {it.id: texts[it.meta["captions"][0]] for it in bench.items if it.meta.get("captions")}
         missing = [i for i in store.ids if not captions.get(i)]
@@ -168,17 +165,12 @@ def proxies_task(cfg: Any) -> dict[str, Any]:
 def probe_accuracy(cfg: Any) -> dict[int | None, float]:
     """Test accuracy (mAP for multi-label) of a linear probe on the mean image features of `proxy.probe_train`,
     tested on `proxy.probe_test`, for the encoder's layer and every layer `extract.layers` records."""
-    from vrlab.data.benchmarks import load_benchmark
     from vrlab.probes.linear import fit_and_evaluate
-    from vrlab.tasks.config import registry_cfg
 
     pcfg = cfg.proxy
     if not pcfg.probe_test:
         raise VrlabError("proxy.probe_train needs proxy.probe_test=<a labelled benchmark with its classes>")
-    benches = {
-        b: load_benchmark(b, cfg.paths.data, registry_cfg(cfg), {})
-        for b in (pcfg.probe_train, pcfg.probe_test)
-    }
+    benches = {b: benchmark_from_cfg(cfg, b, {}) for b in (pcfg.probe_train, pcfg.probe_test)}
     train, test = benches[pcfg.probe_train], benches[pcfg.probe_test]
     if train.classes != test.classes:
         raise VrlabError(f"proxy.probe_test '{pcfg.probe_test}' has other classes than '{pcfg.probe_train}'")
