@@ -26,7 +26,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo perf resolution-demo resolution-study proxies-demo proxy-leaderboard law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
+.PHONY: help install test test-fast lint format demo science perf resolution-demo resolution-study proxies-demo proxy-leaderboard law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -100,6 +100,10 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 		probe.layer=-1,1 probe.moment=after $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=probe experiment=demo_lmvr probe.features=encoder,adapter $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=probe_table experiment=demo_lmvr $(DEMO_ARGS)
+
+SCIENCE_ARGS ?=
+science: install ## the AC law tested on encoders and MLLMs vrlab trains itself, offline; rewrites docs/science.md
+	$(OFFLINE) $(VRLAB) task=science experiment=science $(SCIENCE_ARGS)
 
 resolution-demo: install ## the resolution study on the demo (after `make demo`): tiny CLIP at 32, 48, 64 px and anyres
 	$(MAKE) resolution-study EXPERIMENT=demo_resolution STUDY_ARGS="$(DEMO_ARGS)" STUDY_ENV="$(OFFLINE)"

@@ -32,6 +32,7 @@ TASKS = {
     "law_fit": "vrlab.tasks.law:law_fit_task",
     "proxies": "vrlab.tasks.proxies:proxies_task",
     "pretrain_encoder": "vrlab.tasks.pretrain:pretrain_task",
+    "science": "vrlab.tasks.science:science_task",
     "proxy_fit": "vrlab.tasks.proxies:proxy_fit_task",
     "law_policy": "vrlab.tasks.law:law_policy_task",
     "law_recommend": "vrlab.tasks.law:law_recommend_task",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vrlab.data.questions import ONE_WORD, pick_question, write_lmms_tasks
+from vrlab.data.questions import ONE_WORD, pick_question, scene_questions, write_lmms_tasks
 from vrlab.data.scenes import COLOURS, SHAPES, Scene, SceneObject, render_scene, write_demo_images
 from vrlab.data.semantic_pairs import write_semantic_spair
 from vrlab.data.spair_layout import keypoints_of, write_layout, write_pair
@@ -177,9 +177,10 @@ def write_imagenet_c(root: Path, clean: Path, per_class: int, seed: int) -> int:
 
 
 def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[int, int]) -> int:
-    """Captions (stage-1 `plain` format) and question-answer conversations in LLaVA JSON."""
+    """Captions (stage-1 `plain` format) and question-answer conversations in LLaVA JSON, and `qa.json`: every
+    one-word question each scene answers (the per-kind tasks' four kinds), one conversation per image."""
     (root / "images").mkdir(parents=True, exist_ok=True)
-    captions, conversations = [], []
+    captions, conversations, qa = [], [], []
     numbers = ["zero", "one", "two", "three"]
     for i in range(count):
         scene = render_scene(rng, size, n_objects=(1, 3), style="flat" if i % 2 == 0 else "photo")
@@ -196,6 +197,17 @@ def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[in
                 ],
             }
         )
+        # every question, in a fixed order: no draw from `rng`, so the other files stay as they were
+        turns = [
+            turn
+            for q in scene_questions(scene, size[1])
+            for turn in (
+                {"from": "human", "value": f"{q['question']} {ONE_WORD}"},
+                {"from": "gpt", "value": q["answer"]},
+            )
+        ]
+        turns[0]["value"] = f"<image>\n{turns[0]['value']}"
+        qa.append({"id": sid, "image": name, "conversations": turns})
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         k = len(scene.objects)
         one_word = pick_question(scene, size[1], rng)
@@ -230,6 +242,7 @@ def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[in
     )
     (root / "captions.json").write_text(json.dumps(captions, indent=1))
     (root / "conversations.json").write_text(json.dumps(conversations, indent=1))
+    (root / "qa.json").write_text(json.dumps(qa, indent=1))
     return count
 
 

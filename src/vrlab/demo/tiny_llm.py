@@ -111,6 +111,23 @@ def llava_texts(llava_root: str | Path) -> list[str]:
     return texts
 
 
+def reading_texts(llava_root: str | Path) -> list[str]:
+    """Each image's one-word questions (`qa.json`) as `vicuna_v1` text with the scene's caption where the image
+    goes: text pretraining that teaches the LLM to answer from a prefix, which the image takes in stage 2."""
+    from vrlab.mllm.conversation import IMAGE_TOKEN, vicuna_text
+
+    root = Path(llava_root)
+    caption = {s["image"]: s["conversations"][1]["value"] for s in json.loads((root / "captions.json").read_text())}
+    qa = root / "qa.json"
+    if not qa.is_file():
+        raise FileNotFoundError(2, "no qa.json: regenerate the benchmark (vrlab task=make_benchmark)", str(qa))
+    texts = []
+    for s in json.loads(qa.read_text()):
+        turns = [{**t, "value": t["value"].replace(IMAGE_TOKEN, caption[s["image"]])} for t in s["conversations"]]
+        texts.append(vicuna_text(turns))
+    return texts
+
+
 def pretrain_llm(
     folder: str | Path,
     texts: list[str],

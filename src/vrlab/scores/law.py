@@ -3,7 +3,8 @@
 Per benchmark b, over the candidate representations: min-max normalise A_b, C and the score P_b, then fit
 P ≈ w0 + w1·A + w2·C + w3·A² + w4·A·C + w5·C² by least squares (scikit-learn PolynomialFeatures +
 LinearRegression, as the paper's code). Reported: in-sample R² (all the paper reports), leave-one-out R²
-(refit without candidate i, predict i), coefficients, and the A-only and C-only degree-2 baselines.
+(refit without candidate i, predict i), the Spearman correlation of the leave-one-out predictions with the
+scores, coefficients, and the A-only and C-only degree-2 baselines.
 
 The AC policy and the recommender are `vrlab.scores.policy`; plots and markdown are `vrlab.report`.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 from sklearn.preprocessing import PolynomialFeatures
@@ -133,12 +135,20 @@ def loo_predictions(x: np.ndarray, y: np.ndarray, degree: int = 2) -> np.ndarray
     return out
 
 
+def spearman(pred: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation, NaN where either side is constant (no ranking to compare)."""
+    if np.ptp(pred) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(spearmanr(pred, y).statistic)
+
+
 @dataclass
 class BenchmarkFit:
     benchmark: str
     n: int
     r2: dict[str, float]  # in-sample, per feature set
     loo_r2: dict[str, float]
+    loo_spearman: dict[str, float]  # of the leave-one-out predictions with the scores, per feature set
     coefficients: dict[str, float]  # AC model, named terms, on normalised inputs
     predicted: list[float]  # in-sample AC predictions (normalised score)
     loo_predicted: list[float]
@@ -166,11 +176,13 @@ def fit_benchmark(table: pd.DataFrame, benchmark: str, degree: int = 2) -> Bench
     c = minmax(rows["C"].to_numpy(float), "C")
     y = minmax(rows[benchmark].to_numpy(float), benchmark)
     inputs = {"AC": np.c_[a, c], "A": a[:, None], "C": c[:, None]}
-    r2, loo = {}, {}
+    r2, loo, rho, held_out = {}, {}, {}, {}
     for name, x in inputs.items():
         model = fit_polynomial(x, y, degree)
         r2[name] = float(r2_score(y, model.predict(design(x, degree))))
-        loo[name] = float(r2_score(y, loo_predictions(x, y, degree)))
+        held_out[name] = loo_predictions(x, y, degree)
+        loo[name] = float(r2_score(y, held_out[name]))
+        rho[name] = spearman(held_out[name], y)
     model = fit_polynomial(inputs["AC"], y, degree)
     names = ["1", *term_names(degree)]
     coefs = dict(zip(names, [float(model.intercept_), *map(float, model.coef_)], strict=True))
@@ -179,9 +191,10 @@ def fit_benchmark(table: pd.DataFrame, benchmark: str, degree: int = 2) -> Bench
         len(rows),
         r2,
         loo,
+        rho,
         coefs,
         model.predict(design(inputs["AC"], degree)).tolist(),
-        loo_predictions(inputs["AC"], y, degree).tolist(),
+        held_out["AC"].tolist(),
         y.tolist(),
         a.tolist(),
         c.tolist(),
@@ -209,8 +222,10 @@ def fit_law(
 
     def mean(bs: Sequence[str]) -> dict[str, dict[str, float]]:
         return {
-            kind: {name: float(np.mean([getattr(fits[b], kind)[name] for b in bs])) for name in FEATURE_SETS}
-            for kind in ("r2", "loo_r2")
+            kind: {
+                name: float(np.nanmean([getattr(fits[b], kind)[name] for b in bs])) for name in FEATURE_SETS
+            }
+            for kind in ("r2", "loo_r2", "loo_spearman")
         }
 
     out = {

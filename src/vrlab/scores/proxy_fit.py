@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 from sklearn.metrics import r2_score
 
 from vrlab.errors import VrlabError
 from vrlab.scores.law import a_column, benchmarks_of, loo_predictions, minmax, n_parameters
+from vrlab.scores.law import spearman as _spearman
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ def proxy_column(table: pd.DataFrame, proxy: str, benchmark: str) -> str:
     if proxy not in table.columns:
         raise VrlabError(f"proxy '{proxy}' is not a column of the table (columns: {list(table.columns)})")
     return proxy
-
-
-def _spearman(pred: np.ndarray, y: np.ndarray) -> float:
-    if np.ptp(pred) == 0 or np.ptp(y) == 0:
-        return math.nan
-    return float(spearmanr(pred, y).statistic)
 
 
 def _interval(values: Sequence[float]) -> list[float]:

@@ -4,14 +4,16 @@ registry reads), so a budget ladder is a sweep over `pretrain.steps`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from vrlab.errors import VrlabError
+from vrlab.fingerprint import items_fingerprint
 from vrlab.pretrain import PretrainSettings, pretrain
-from vrlab.runtime import run_dir, seed_everything, slug, to_plain
+from vrlab.runtime import config_hash, run_dir, seed_everything, slug, to_plain
 from vrlab.tasks.config import benchmark_from_cfg
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,25 @@ def pretrain_task(cfg: Any) -> dict[str, Any]:
             cfg.paths.outputs,
             "pretrain",
             name,
-            {**vars(settings), "data": pcfg["data"], "limit": pcfg.get("limit")},
+            {
+                **vars(settings),
+                "data": pcfg["data"],
+                "limit": pcfg.get("limit"),
+                # regenerated images under the same card name train another encoder in another folder
+                "images": items_fingerprint([it.path for it in items]),
+                "captions": config_hash(captions),
+                "labels": config_hash(labels),
+            },
         )
     )
-    record = pretrain([it.path for it in items], out, settings, captions=captions, labels=labels, name=name)
+    done = out / "pretrain.json"  # written last: its presence means the model and card are complete
+    if done.is_file():
+        record = json.loads(done.read_text())
+        log.info("%s already pre-trained with these settings and images: %s (skipped)", name, out)
+    else:
+        record = pretrain(
+            [it.path for it in items], out, settings, captions=captions, labels=labels, name=name
+        )
     if pcfg.get("cards"):  # a card folder for registry.encoder_dirs
         cards = Path(pcfg["cards"])
         cards.mkdir(parents=True, exist_ok=True)
