@@ -20,7 +20,9 @@ from vrlab.data.scenes import COLOURS, SHAPES, Scene, render_scene
 NUMBERS = ("zero", "one", "two", "three", "four")
 ONE_WORD = "Answer with one word."
 LMMS_TASK_NAMES = ("synth_vqa", "synth_mc")
-# one multiple-choice task per question kind, each a benchmark of the law (64 px scenes, shapes learnable)
+# one multiple-choice task per question kind, each a benchmark of the law (64 px scenes, shapes learnable);
+# colour, shape and position ask about a scene's only object, so each measures one skill (no binding of a
+# shape to a colour), and count has 1-3 objects
 KIND_TASKS = {
     "synth_colour": "colour",
     "synth_shape": "shape",
@@ -97,9 +99,10 @@ def _task_rows(
 ) -> list[dict[str, Any]]:
     """`count` questions, one per scene: of a random kind, or all of `kind` (scenes without one are skipped)."""
     rows: list[dict[str, Any]] = []
+    objects = (1, 3) if kind in (None, "count") else 1
     while len(rows) < count:
         i = len(rows)
-        scene = render_scene(rng, size, n_objects=(1, 3), style="flat" if i % 2 == 0 else "photo")
+        scene = render_scene(rng, size, n_objects=objects, style="flat" if i % 2 == 0 else "photo")
         if kind is None:
             q = pick_question(scene, size[1], rng)
         else:

@@ -21,6 +21,8 @@ from vrlab.data.spair_layout import keypoints_of, write_layout, write_pair
 __all__ = ["COLOURS", "SHAPES", "make_benchmark", "write_demo_images"]
 
 
+# bumped whenever the generator's output changes: a benchmark written by another version is written again
+GENERATOR_VERSION = 3
 DEFAULT_SIZES = {
     "spair_pairs_per_category": 4,  # correspondence pairs (SPair-71k layout, test split)
     "semantic_pairs_per_category": 4,  # pairs of two instances of a category, at 64 px (synth-spair-semantic)
@@ -178,7 +180,8 @@ def write_imagenet_c(root: Path, clean: Path, per_class: int, seed: int) -> int:
 
 def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[int, int]) -> int:
     """Captions (stage-1 `plain` format) and question-answer conversations in LLaVA JSON, and `qa.json`: every
-    one-word question each scene answers (the per-kind tasks' four kinds), one conversation per image."""
+    one-word question each scene answers (the per-kind tasks' four kinds) and then its caption, one
+    conversation per image."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     captions, conversations, qa = [], [], []
     numbers = ["zero", "one", "two", "three"]
@@ -207,6 +210,8 @@ def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[in
             )
         ]
         turns[0]["value"] = f"<image>\n{turns[0]['value']}"
+        # the caption last: a model trained on these keeps captioning, and no answer can be read off it
+        turns += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": scene.description}]
         qa.append({"id": sid, "image": name, "conversations": turns})
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         k = len(scene.objects)
@@ -300,7 +305,8 @@ def make_benchmark(
     if done.exists() and not overwrite:
         info = json.loads(done.read_text())
         if (
-            info.get("seed") == seed
+            info.get("generator") == GENERATOR_VERSION
+            and info.get("seed") == seed
             and info.get("sizes") == sizes
             and info.get("image_size") == list(image_size)
         ):
@@ -346,6 +352,7 @@ def make_benchmark(
         tmp / "imagenet_c", tmp / "folder" / "test", sizes["imagenet_c_per_class"], seed
     )
     info = {
+        "generator": GENERATOR_VERSION,
         "seed": seed,
         "sizes": sizes,
         "image_size": list(image_size),

@@ -15,6 +15,9 @@ from vrlab.encoders.base import collate_pixels
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN, tokenize
 
 
+TOKEN_CACHE = 100_000  # samples whose tokens a dataset keeps
+
+
 def guide_text(conversations: Sequence[dict[str, str]]) -> str:
     """TG-LLaVA's text guide: the last human turn, without the placeholder."""
     humans = [t["value"] for t in conversations if t["from"] == "human"]
@@ -30,6 +33,9 @@ class ConversationDataset(Dataset):
         self.samples, self.model, self.generation = loader.samples, model, generation
         self.root, self.image_folder = loader.root, loader.image_folder
         self.image_aspect_ratio = image_aspect_ratio
+        # Tokenising (a chat template rendered per sample) costs more than a tiny model's step; every epoch
+        # after the first reuses it. Bounded, so a LLaVA-665K epoch does not hold every sample's ids.
+        self._tokens: dict[int, tuple[list[int], list[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -37,14 +43,20 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         has_image = "image" in sample
-        ids, labels = tokenize(
-            sample["conversations"],
-            self.model.template,
-            self.model.tokenizer,
-            has_image,
-            sample.get("id", index),
-            self.generation,
-        )
+        if index in self._tokens:
+            ids, labels = self._tokens[index]
+        else:
+            ids, labels = tokenize(
+                sample["conversations"],
+                self.model.template,
+                self.model.tokenizer,
+                has_image,
+                sample.get("id", index),
+                self.generation,
+            )
+            if len(self._tokens) < TOKEN_CACHE:
+                self._tokens[index] = (ids, labels)
+        ids, labels = list(ids), list(labels)  # callers may change theirs
         item: dict[str, Any] = {
             "input_ids": ids,
             "labels": labels,

@@ -38,11 +38,21 @@ log = logging.getLogger(__name__)
 Step = dict[str, Any]  # config overrides of one task run, `task` included
 
 
-def encoder_names(encoders: dict[str, Sequence[int]]) -> list[tuple[str, str, int]]:
-    """(card name, kind, steps) of every rung of the ladder, in the config's order."""
+def encoder_names(encoders: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(card name, kind, steps) of every rung `<kind>-<steps>` of the ladder, in the config's order."""
+    from vrlab.pretrain import KINDS
+
     if not encoders:
-        raise VrlabError("science.encoders is empty; give {kind: [steps, ...]}")
-    return [(f"science/{kind}-{int(n)}", kind, int(n)) for kind, ladder in encoders.items() for n in ladder]
+        raise VrlabError("science.encoders is empty; give rungs such as [random-0, clip-100]")
+    rungs = []
+    for rung in encoders:
+        kind, _, steps = str(rung).rpartition("-")
+        if kind not in KINDS or not steps.isdigit():
+            raise VrlabError(
+                f"science.encoders: '{rung}' is not <kind>-<steps> with a kind of {list(KINDS)} (e.g. clip-100)"
+            )
+        rungs.append((f"science/{kind}-{int(steps)}", kind, int(steps)))
+    return rungs
 
 
 def reference_names(rungs: list[tuple[str, str, int]], count: int) -> list[str]:
@@ -132,6 +142,25 @@ def _guarded(label: str, call: Callable[[], float], log_dir: Path) -> float:
         raise VrlabError(f"science: {label} failed: {message} (worker logs: {log_dir})") from exc
 
 
+READER = "science/reader"
+
+
+def _pretrain(outputs: str, kind: str, steps: int, data: str, name: str) -> Step:
+    return {
+        "task": "pretrain_encoder",
+        "paths.outputs": outputs,
+        "pretrain.kind": kind,
+        "pretrain.steps": steps,
+        "pretrain.data": data,
+        "pretrain.name": name,
+    }
+
+
+def _stage(stage: int, seed: int, encoder: str) -> Step:
+    data = "synth-captions" if stage == 1 else "synth-qa"
+    return {"task": "train", "stage": stage, "seed": seed, "encoder": encoder, "train.data": data}
+
+
 def build_llm(cfg: Any) -> dict[str, Any]:
     """The shared tiny LLM, rebuilt only when its text or settings change (`<source>/science_llm.json`)."""
     from vrlab.demo.tiny_llm import (
@@ -186,39 +215,39 @@ def science_task(cfg: Any) -> dict[str, Any]:
 
     run_task(_config(base, {"task": "make_benchmark"}))
     llm = build_llm(cfg)
+    reader = root / "runs" / "reader"
+    rseed, rkind, rsteps = int(s.reader.seed), str(s.reader.kind), int(s.reader.steps)
+    if rkind not in data:
+        raise VrlabError(f"science.pretrain_data has no benchmark for the reader's kind '{rkind}'")
+    # The shared LLM learns to read a visual prefix, once, beside the ladder's pre-training: stage 1 and a long
+    # stage 2 with an encoder of its own seed (no candidate); every candidate then starts from that LLM with an
+    # adapter of its own.
+    reader_job = [
+        {**_pretrain(shared, rkind, rsteps, data[rkind], READER), "seed": rseed},
+        {**_stage(1, rseed, READER), "train.out": f"{reader}/stage1"},
+        {
+            **_stage(2, rseed, READER),
+            "train.out": f"{reader}/stage2",
+            "train.init_from": f"{reader}/stage1/adapter",
+            "train.stage2.num_train_epochs": int(s.reader.stage2_epochs),
+        },
+    ]
     run_jobs(
         base,
-        {
-            name: [
-                {
-                    "task": "pretrain_encoder",
-                    "paths.outputs": shared,
-                    "pretrain.kind": kind,
-                    "pretrain.steps": steps,
-                    "pretrain.data": data[kind],
-                    "pretrain.name": name,
-                }
-            ]
-            for name, kind, steps in rungs
-        },
+        {"the reader LLM": reader_job}
+        | {name: [_pretrain(shared, kind, steps, data[kind], name)] for name, kind, steps in rungs},
         int(s.workers),
         logs,
         "encoders",
     )
+    base["llm"]["source"] = str(reader / "stage2" / "model" / "llm")
     per_kind = {"eval.tasks": benchmarks}
     run_jobs(
         base,
         {
             f"{name} (seed {seed})": [
-                {"task": "train", "stage": 1, "seed": seed, "encoder": name, "train.data": "synth-captions"},
-                {
-                    "task": "train",
-                    "stage": 2,
-                    "seed": seed,
-                    "encoder": name,
-                    "train.data": "synth-qa",
-                    "train.init_from": "${paths.outputs}/stage1/${encoder}/adapter",
-                },
+                _stage(1, seed, name),
+                {**_stage(2, seed, name), "train.init_from": "${paths.outputs}/stage1/${encoder}/adapter"},
                 {"task": "eval", "seed": seed, "encoder": name, **per_kind},
             ]
             for seed in seeds
