@@ -102,8 +102,9 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 	$(OFFLINE) $(VRLAB) task=probe_table experiment=demo_lmvr $(DEMO_ARGS)
 
 SCIENCE_ARGS ?=
+SCIENCE_EXPERIMENT ?= science
 science: install ## the AC law tested on encoders and MLLMs vrlab trains itself, offline; rewrites docs/science.md
-	$(OFFLINE) $(VRLAB) task=science experiment=science $(SCIENCE_ARGS)
+	$(OFFLINE) $(VRLAB) task=science experiment=$(SCIENCE_EXPERIMENT) $(SCIENCE_ARGS)
 
 resolution-demo: install ## the resolution study on the demo (after `make demo`): tiny CLIP at 32, 48, 64 px and anyres
 	$(MAKE) resolution-study EXPERIMENT=demo_resolution STUDY_ARGS="$(DEMO_ARGS)" STUDY_ENV="$(OFFLINE)"

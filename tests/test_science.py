@@ -69,6 +69,10 @@ def test_the_verdict_finds_a_known_law_and_refuses_noise():
     assert set(law["drop_one"]) == set(first["representation"])
     held = first[first["representation"] != "enc03"].reset_index(drop=True)
     assert law["drop_one"]["enc03"]["AC"]["loo_r2"] == pytest.approx(fit_benchmark(held, "law").loo_r2["AC"])
+    moved = {
+        n: abs(d["AC"]["loo_r2"] - law["default_seed"]["AC"]["loo_r2"]) for n, d in law["drop_one"].items()
+    }
+    assert law["most_influential"]["encoder"] == max(moved, key=moved.get)
 
 
 def test_a_constant_benchmark_is_reported_not_fitted():
@@ -110,7 +114,9 @@ def test_qa_conversations_answer_what_the_caption_shows(data_root):
             elif question == "Describe the image.":  # the caption comes last, after every answer
                 assert answer.lower() == text and (q, a) == (turns[-2], turns[-1])
             elif question.startswith("How many"):
-                assert answer == ["zero", "one", "two", "three"][text.count(" and ") + 1]
+                assert (
+                    answer == ["zero", "one", "two", "three"][text.count(" a ")]
+                )  # "of a ..., a ... and a ..."
                 kinds.add("count")
             else:
                 assert answer in ("left", "right")
@@ -164,6 +170,7 @@ def test_science_runs_in_workers_writes_its_page_and_resumes(compose_cfg, tmp_pa
         "science.seeds=[0,1]",
         "science.workers=2",
         "science.llm_steps=5",
+        "science.reader={kind: clip, steps: 4, seed: 7, stage2_epochs: 1}",
         "make_benchmark.sizes={llava: 24, captions: 24, folder_per_class: 4, lmms_per_kind: 12,"
         " semantic_pairs_per_category: 2}",
         "train.stage1.num_train_epochs=1",
@@ -184,6 +191,12 @@ def test_science_runs_in_workers_writes_its_page_and_resumes(compose_cfg, tmp_pa
         assert sorted(table["representation"]) == sorted(names)
         for b in ("synth_colour", "synth_shape", "synth_count", "synth_position"):
             assert table[b].between(0, 1).all() and table[f"A_{b}"].notna().all()
+    # the candidates start from the reader's LLM, which its own stage 2 trained
+    reader_llm = root / "runs" / "reader" / "stage2" / "model" / "llm"
+    vlm = json.loads(
+        (root / "runs" / "seed0" / "stage2" / "science" / "clip-4" / "model" / "vlm_config.json").read_text()
+    )
+    assert reader_llm.is_dir() and str(reader_llm) in json.dumps(vlm)
     # C is computed once, from the shared encoders; A against the two highest clip rungs
     assert len(list((root / "runs" / "shared" / "correspondence").glob("*/correspondence.json"))) == len(
         names
@@ -207,3 +220,22 @@ def test_science_runs_in_workers_writes_its_page_and_resumes(compose_cfg, tmp_pa
     again = run_task(cfg)
     assert [p.stat().st_mtime_ns for p in models] == stamps
     assert again["encoders"] == result["encoders"]
+
+
+def test_a_bad_recipe_is_named_before_any_work(compose_cfg, tmp_path):
+    from vrlab.cli import run_task
+    from vrlab.tasks.science import encoder_names, reference_names
+
+    assert encoder_names(["random-0", "clip-25"]) == [
+        ("science/random-0", "random", 0),
+        ("science/clip-25", "clip", 25),
+    ]
+    with pytest.raises(VrlabError, match="'clip-many' is not <kind>-<steps>"):
+        encoder_names(["clip-many"])
+    with pytest.raises(VrlabError, match="'vae-10' is not"):
+        encoder_names(["vae-10"])
+    with pytest.raises(VrlabError, match="references=2 needs that many clip rungs"):
+        reference_names(encoder_names(["random-0", "clip-25"]), 2)
+    with pytest.raises(VrlabError, match="must be one of science.seeds"):
+        run_task(compose_cfg("experiment=science", f"science.root={tmp_path}", "seed=5"))
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -91,7 +91,7 @@ def verdict_frame(verdict: Mapping[str, Any]) -> pd.DataFrame:
 def _print(frame: pd.DataFrame, title: str) -> None:
     view = Table(title=title)
     for col in frame.columns:
-        view.add_column(str(col))
+        view.add_column(str(col), overflow="fold")
     for row in frame.itertuples(index=False):
         view.add_row(*[_f(v, 3) if isinstance(v, float) else str(v) for v in row])
     Console(width=220).print(view)
@@ -141,9 +141,15 @@ def _markdown(
         "",
         f"- **Encoders**: {len(encoders)} ViTs ({s_pretrain(cfg)}) pre-trained by `task=pretrain_encoder`, kinds x "
         f"budgets `{json.dumps(to_plain(s.encoders))}`, each a card.",
-        f"- **MLLMs**: for each encoder and each seed of {meta['seeds']}: stage 1 on `synth-captions`, stage 2 on "
-        "`synth-qa`, both on one shared tiny Llama pretrained on the generated text (and on answering from a "
-        "caption where the image later goes), the same budget for every encoder.",
+        f"- **MLLMs**: for each encoder and each seed of {meta['seeds']}: stage 1 on `synth-captions` "
+        f"({_budget(cfg, 1)}), stage 2 on `synth-qa` ({_budget(cfg, 2)}), the same budget for every encoder, on "
+        f"one shared tiny Llama (hidden {s.llm_hidden}) pretrained on the generated text ({s.llm_steps} steps)"
+        + (
+            f", then taught to read a visual prefix by a reader: stage 1 and {s.reader.stage2_epochs} stage-2 "
+            f"epochs with a {s.reader.kind}-{s.reader.steps} encoder of seed {s.reader.seed}, no candidate."
+            if s.reader is not None
+            else "; every candidate starts from that text-only LLM (no reader)."
+        ),
         f"- **Scores**: lmms-eval accuracy on {', '.join(f'`{b}`' for b in meta['benchmarks'])} (multiple choice, "
         "log-likelihood, 64 px scenes no model saw in training).",
         f"- **C**: `task=correspondence` on `synth-spair-semantic` (different instances of one category). **A**: "
@@ -154,8 +160,9 @@ def _markdown(
         f"{verdict['targets']['loo_spearman']}, LOO R² ≥ {verdict['targets']['loo_r2']} at the default seed "
         "and at every seed.",
         f"- Seeds vary the MLLM (adapter init, data order, stage 1 and 2, A); the encoders, the LLM and C are "
-        f"fixed at the default seed {meta['default_seed']}. Run time: {meta['minutes']:.1f} min with "
-        f"{s.workers} worker(s).",
+        f"fixed at the default seed {meta['default_seed']}. This run took {meta['minutes']:.1f} min with "
+        f"{s.workers} worker(s) of one torch thread (steps a previous run finished are skipped, so a rerun "
+        "is shorter).",
         f"- The shared LLM's text pretraining loss: {_f(meta['llm_losses'][0])} -> {_f(meta['llm_losses'][-1])}."
         if meta.get("llm_losses")
         else "",
@@ -169,7 +176,7 @@ def _markdown(
         "the seeds, and over the fits that leave one encoder out of the table.",
         "",
         markdown_table(verdict_frame(verdict)),
-        "![leave-one-out predictions](science_loo.png)" if meta.get("plot_in_docs") else "",
+        f"![leave-one-out predictions]({meta['plot']})",
         "",
         "## Verdict",
         "",
@@ -181,6 +188,11 @@ def _markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _budget(cfg: Any, stage: int) -> str:
+    a = cfg.train[f"stage{stage}"]
+    return f"{a.num_train_epochs} epoch(s), batch {a.per_device_train_batch_size}, lr {a.learning_rate:g}"
 
 
 def policy_sentence(policy: Mapping[str, Any] | None) -> str:
@@ -227,7 +239,8 @@ def write_report(
     seed = int(cfg.seed)
     benchmarks = [str(b) for b in to_plain(s.benchmarks)]
     encoders = encoder_frame(tables, rungs, benchmarks, seed)
-    meta = {**meta, "seeds": sorted(tables), "default_seed": seed, "benchmarks": benchmarks}
+    plot = f"{Path(s.docs).stem if s.docs else 'science'}_loo.png"  # beside the page it belongs to
+    meta = {**meta, "seeds": sorted(tables), "default_seed": seed, "benchmarks": benchmarks, "plot": plot}
     _print(encoders, "per encoder (default seed)")
     _print(verdict_frame(verdict), "the AC law, leave-one-out")
     for v in verdict["benchmarks"].values():
@@ -237,11 +250,11 @@ def write_report(
     atomic_write_json(root / "science.json", record)
     page = _markdown(cfg, verdict, encoders, policy, meta)
     atomic_write_bytes(root / "science.md", page.encode())
-    plot_loo(verdict, root / "science_loo.png")
+    plot_loo(verdict, root / meta["plot"])
     if s.docs:
         docs = Path(s.docs)
         atomic_write_bytes(docs, page.encode())
-        plot_loo(verdict, docs.with_name("science_loo.png"))
+        plot_loo(verdict, docs.with_name(meta["plot"]))
         log.info("results page -> %s", docs)
     log.info("science: %s", root / "science.json")
     return record

@@ -211,7 +211,10 @@ def write_llava(root: Path, rng: np.random.Generator, count: int, size: tuple[in
         ]
         turns[0]["value"] = f"<image>\n{turns[0]['value']}"
         # the caption last: a model trained on these keeps captioning, and no answer can be read off it
-        turns += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": scene.description}]
+        turns += [
+            {"from": "human", "value": "Describe the image."},
+            {"from": "gpt", "value": scene.description},
+        ]
         qa.append({"id": sid, "image": name, "conversations": turns})
         obj = scene.objects[int(rng.integers(len(scene.objects)))]
         k = len(scene.objects)

@@ -14,7 +14,6 @@ from vrlab.data.images import decode_image
 from vrlab.encoders.base import collate_pixels
 from vrlab.mllm.conversation import IGNORE_INDEX, IMAGE_TOKEN, tokenize
 
-
 TOKEN_CACHE = 100_000  # samples whose tokens a dataset keeps
 
 

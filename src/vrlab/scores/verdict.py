@@ -90,6 +90,9 @@ def judge(
             for m, t in targets.items()
         }
         best = max(FEATURE_SETS, key=lambda s: (at_default[s]["loo_r2"], s == "AC"))
+        finite = {n: v["AC"]["loo_r2"] for n, v in drops.items() if math.isfinite(v["AC"]["loo_r2"])}
+        # the encoder whose absence moves the law's leave-one-out R² the most
+        swing = max(finite, key=lambda n: abs(finite[n] - at_default["AC"]["loo_r2"])) if finite else None
         out[b] = {
             "span": span,
             "judged": judged,
@@ -98,6 +101,7 @@ def judge(
             "spread": over,
             "drop_one": drops,
             "fit": fit,
+            "most_influential": swing and {"encoder": swing, "loo_r2_without": finite[swing]},
             "targets_met": met if judged else None,
             "best_loo_r2": best,
             "verdict": _words(b, judged, span, min_span, met, best, at_default),

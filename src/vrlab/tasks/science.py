@@ -163,27 +163,19 @@ def _stage(stage: int, seed: int, encoder: str) -> Step:
 
 def build_llm(cfg: Any) -> dict[str, Any]:
     """The shared tiny LLM, rebuilt only when its text or settings change (`<source>/science_llm.json`)."""
-    from vrlab.demo.tiny_llm import (
-        build_llm as build,
-    )
-    from vrlab.demo.tiny_llm import (
-        default_corpus,
-        llava_texts,
-        pretrain_llm,
-        reading_texts,
-    )
+    from vrlab.demo import tiny_llm
 
     folder = Path(cfg.llm.source)
     llava = Path(cfg.paths.data) / "synthetic" / "llava"
-    texts = llava_texts(llava) + reading_texts(llava)
+    texts = tiny_llm.llava_texts(llava) + tiny_llm.reading_texts(llava)
     key = config_hash({"texts": texts, "steps": cfg.science.llm_steps, "hidden": cfg.science.llm_hidden})
     record_file = folder / "science_llm.json"
     if record_file.is_file() and json.loads(record_file.read_text()).get("key") == key:
         log.info("shared LLM %s is up to date", folder)
         return json.loads(record_file.read_text())
     seed_everything(cfg.seed)
-    build(folder, corpus=texts + default_corpus(), hidden=int(cfg.science.llm_hidden))
-    losses = pretrain_llm(folder, texts, steps=int(cfg.science.llm_steps), seed=int(cfg.seed))
+    tiny_llm.build_llm(folder, corpus=texts + tiny_llm.default_corpus(), hidden=int(cfg.science.llm_hidden))
+    losses = tiny_llm.pretrain_llm(folder, texts, steps=int(cfg.science.llm_steps), seed=int(cfg.seed))
     record = {"key": key, "texts": len(texts), "losses": losses}
     atomic_write_json(record_file, record)
     log.info("shared LLM %s: text pretraining loss %.3f -> %.3f", folder, losses[0], losses[-1])
@@ -216,31 +208,30 @@ def science_task(cfg: Any) -> dict[str, Any]:
     run_task(_config(base, {"task": "make_benchmark"}))
     llm = build_llm(cfg)
     reader = root / "runs" / "reader"
-    rseed, rkind, rsteps = int(s.reader.seed), str(s.reader.kind), int(s.reader.steps)
-    if rkind not in data:
-        raise VrlabError(f"science.pretrain_data has no benchmark for the reader's kind '{rkind}'")
-    # The shared LLM learns to read a visual prefix, once, beside the ladder's pre-training: stage 1 and a long
-    # stage 2 with an encoder of its own seed (no candidate); every candidate then starts from that LLM with an
-    # adapter of its own.
-    reader_job = [
-        {**_pretrain(shared, rkind, rsteps, data[rkind], READER), "seed": rseed},
-        {**_stage(1, rseed, READER), "train.out": f"{reader}/stage1"},
-        {
-            **_stage(2, rseed, READER),
-            "train.out": f"{reader}/stage2",
-            "train.init_from": f"{reader}/stage1/adapter",
-            "train.stage2.num_train_epochs": int(s.reader.stage2_epochs),
-        },
-    ]
-    run_jobs(
-        base,
-        {"the reader LLM": reader_job}
-        | {name: [_pretrain(shared, kind, steps, data[kind], name)] for name, kind, steps in rungs},
-        int(s.workers),
-        logs,
-        "encoders",
-    )
-    base["llm"]["source"] = str(reader / "stage2" / "model" / "llm")
+    jobs = {name: [_pretrain(shared, kind, steps, data[kind], name)] for name, kind, steps in rungs}
+    if s.reader is not None:
+        # The shared LLM learns to read a visual prefix, once, beside the ladder's pre-training: stage 1 and a
+        # long stage 2 with an encoder of its own seed (no candidate); every candidate then starts from that
+        # LLM with an adapter of its own. science.reader=null: the candidates start from the text LLM.
+        rseed, rkind, rsteps = int(s.reader.seed), str(s.reader.kind), int(s.reader.steps)
+        if rkind not in data:
+            raise VrlabError(f"science.pretrain_data has no benchmark for the reader's kind '{rkind}'")
+        jobs = {
+            "the reader LLM": [
+                {**_pretrain(shared, rkind, rsteps, data[rkind], READER), "seed": rseed},
+                {**_stage(1, rseed, READER), "train.out": f"{reader}/stage1"},
+                {
+                    **_stage(2, rseed, READER),
+                    "train.out": f"{reader}/stage2",
+                    "train.init_from": f"{reader}/stage1/adapter",
+                    "train.stage2.num_train_epochs": int(s.reader.stage2_epochs),
+                },
+            ],
+            **jobs,
+        }
+    run_jobs(base, jobs, int(s.workers), logs, "encoders")
+    if s.reader is not None:
+        base["llm"]["source"] = str(reader / "stage2" / "model" / "llm")
     per_kind = {"eval.tasks": benchmarks}
     run_jobs(
         base,
@@ -264,13 +255,16 @@ def science_task(cfg: Any) -> dict[str, Any]:
     run_jobs(
         base,
         {
+            # one job per seed: its candidates share the references' stores, which two processes must not
+            # write at once
             **{
-                f"C {name}": [{"task": "correspondence", "encoder": name, "paths.outputs": shared}]
-                for name in names
+                f"A (seed {seed})": [
+                    {"task": "alignment", "encoder": n, "seed": seed, **a_args} for n in names
+                ]
+                for seed in seeds
             },
             **{
-                f"A {name} (seed {seed})": [{"task": "alignment", "encoder": name, "seed": seed, **a_args}]
-                for seed in seeds
+                f"C {name}": [{"task": "correspondence", "encoder": name, "paths.outputs": shared}]
                 for name in names
             },
         },
