@@ -178,7 +178,8 @@ def build_llm(cfg: Any) -> dict[str, Any]:
     losses = tiny_llm.pretrain_llm(folder, texts, steps=int(cfg.science.llm_steps), seed=int(cfg.seed))
     record = {"key": key, "texts": len(texts), "losses": losses}
     atomic_write_json(record_file, record)
-    log.info("shared LLM %s: text pretraining loss %.3f -> %.3f", folder, losses[0], losses[-1])
+    if losses:  # the Trainer logs every 10 steps
+        log.info("shared LLM %s: text pretraining loss %.3f -> %.3f", folder, losses[0], losses[-1])
     return record
 
 
