@@ -133,7 +133,7 @@ def _words(
     ac = at["AC"]
     head = f"{b}: LOO R² {ac['loo_r2']:.2f}, LOO Spearman {ac['loo_spearman']:.2f}"
     if not judged:
-        return f"{head}; not judged: the scores span {100 * span:.0f} points (< {100 * min_span:.0f})"
+        return f"{head}; not judged: the scores span {100 * span:.0f} of 100 points (< {100 * min_span:.0f})"
     if best != "AC":
         lead = f"the {best}-only fit predicts better out of sample (LOO R² {at[best]['loo_r2']:.2f})"
     else:
