@@ -134,8 +134,8 @@ def _markdown(
     lines = [
         "# The AC law on vrlab's own models",
         "",
-        "Written by `make science` (`vrlab task=science experiment=science`); rerunning it rewrites this page.",
-        "Recipe, seeds and targets are declared in `conf/experiment/science.yaml` before any fit.",
+        f"Written by `{s.command}`; rerunning it rewrites this page. Recipe, seeds and targets are declared in "
+        f"`conf/experiment/{s.experiment}.yaml` before any fit.",
         "",
         "## The study",
         "",
