@@ -220,6 +220,8 @@ def test_science_runs_in_workers_writes_its_page_and_resumes(compose_cfg, tmp_pa
     again = run_task(cfg)
     assert [p.stat().st_mtime_ns for p in models] == stamps
     assert again["encoders"] == result["encoders"]
+    # the page keeps the cost of the run that started from nothing
+    assert result["full_minutes"] == result["minutes"] and again["full_minutes"] == result["minutes"]
 
 
 def test_a_bad_recipe_is_named_before_any_work(compose_cfg, tmp_path):

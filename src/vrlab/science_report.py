@@ -80,6 +80,11 @@ def verdict_frame(verdict: Mapping[str, Any]) -> pd.DataFrame:
                 "seeds LOO ρ AC": f"[{_f(sp['seeds']['AC']['loo_spearman']['min'])}, {_f(sp['seeds']['AC']['loo_spearman']['max'])}]",
                 "drop-one LOO R² AC": f"[{_f(sp['drop_one']['AC']['loo_r2']['min'])}, {_f(sp['drop_one']['AC']['loo_r2']['max'])}]",
                 "drop-one LOO ρ AC": f"[{_f(sp['drop_one']['AC']['loo_spearman']['min'])}, {_f(sp['drop_one']['AC']['loo_spearman']['max'])}]",
+                "most influential (LOO R² without)": (
+                    f"{v['most_influential']['encoder']} ({_f(v['most_influential']['loo_r2_without'])})"
+                    if v.get("most_influential")
+                    else ""
+                ),
                 "targets": "—"
                 if v["targets_met"] is None
                 else ("met" if all(v["targets_met"].values()) else "missed"),
@@ -160,9 +165,13 @@ def _markdown(
         f"{verdict['targets']['loo_spearman']}, LOO R² ≥ {verdict['targets']['loo_r2']} at the default seed "
         "and at every seed.",
         f"- Seeds vary the MLLM (adapter init, data order, stage 1 and 2, A); the encoders, the LLM and C are "
-        f"fixed at the default seed {meta['default_seed']}. This run took {meta['minutes']:.1f} min with "
-        f"{s.workers} worker(s) of one torch thread (steps a previous run finished are skipped, so a rerun "
-        "is shorter).",
+        f"fixed at the default seed {meta['default_seed']}. With {s.workers} worker(s) of one torch thread, "
+        + (
+            f"the whole study took {meta['full_minutes']:.1f} min from an empty `science.root`"
+            if meta.get("full_minutes")
+            else "no run here started from an empty `science.root`"
+        )
+        + f"; this run took {meta['minutes']:.1f} min (a rerun skips the steps a previous run finished).",
         f"- The shared LLM's text pretraining loss: {_f(meta['llm_losses'][0])} -> {_f(meta['llm_losses'][-1])}."
         if meta.get("llm_losses")
         else "",
@@ -241,6 +250,13 @@ def write_report(
     encoders = encoder_frame(tables, rungs, benchmarks, seed)
     plot = f"{Path(s.docs).stem if s.docs else 'science'}_loo.png"  # beside the page it belongs to
     meta = {**meta, "seeds": sorted(tables), "default_seed": seed, "benchmarks": benchmarks, "plot": plot}
+    if not meta.get("fresh"):  # the cost of the whole study is that of the run that started from nothing
+        previous = root / "science.json"
+        meta["full_minutes"] = (
+            json.loads(previous.read_text()).get("full_minutes") if previous.is_file() else None
+        )
+    else:
+        meta["full_minutes"] = meta["minutes"]
     _print(encoders, "per encoder (default seed)")
     _print(verdict_frame(verdict), "the AC law, leave-one-out")
     for v in verdict["benchmarks"].values():

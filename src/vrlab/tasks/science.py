@@ -204,6 +204,7 @@ def science_task(cfg: Any) -> dict[str, Any]:
     base.setdefault("extract", {})["num_workers"] = 0  # small images: decoder processes would cost more
     shared = f"{root}/runs/shared"  # what no MLLM seed changes: the encoders and C
     logs = root / "logs"
+    fresh = not (root / "runs").exists()  # a run from nothing measures the whole study's cost
     start = time.perf_counter()
 
     run_task(_config(base, {"task": "make_benchmark"}))
@@ -312,5 +313,6 @@ def science_task(cfg: Any) -> dict[str, Any]:
         "references": refs,
         "llm_losses": llm.get("losses"),
         "minutes": (time.perf_counter() - start) / 60,
+        "fresh": fresh,
     }
     return write_report(cfg, rungs, frames, verdict, policy, meta)
