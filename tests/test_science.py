@@ -241,3 +241,33 @@ def test_a_bad_recipe_is_named_before_any_work(compose_cfg, tmp_path):
     with pytest.raises(VrlabError, match="must be one of science.seeds"):
         run_task(compose_cfg("experiment=science", f"science.root={tmp_path}", "seed=5"))
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_benchmark_of_another_generator_version_is_written_again(tmp_path):
+    from vrlab.data.synthetic import GENERATOR_VERSION, make_benchmark
+
+    sizes = {
+        "voc_per_split": 2,
+        "folder_per_class": 1,
+        "visda_per_class": 1,
+        "llava": 2,
+        "imagenet_c_per_class": 0,
+        "captions": 2,
+        "lmms": 2,
+        "lmms_per_kind": 2,
+        "spair_pairs_per_category": 1,
+        "semantic_pairs_per_category": 1,
+    }
+    root = tmp_path / "synthetic"
+    make_benchmark(root, sizes=sizes)
+    info = root / "benchmark.json"
+    stamp = info.stat().st_mtime_ns
+    make_benchmark(root, sizes=sizes)  # same generator, seed and sizes: kept
+    assert info.stat().st_mtime_ns == stamp
+    old = json.loads(info.read_text())
+    info.write_text(json.dumps({**old, "generator": GENERATOR_VERSION - 1}))
+    make_benchmark(root, sizes=sizes)
+    assert (
+        json.loads(info.read_text())["generator"] == GENERATOR_VERSION
+        and (root / "llava" / "qa.json").is_file()
+    )
