@@ -204,7 +204,8 @@ def science_task(cfg: Any) -> dict[str, Any]:
     base.setdefault("extract", {})["num_workers"] = 0  # small images: decoder processes would cost more
     shared = f"{root}/runs/shared"  # what no MLLM seed changes: the encoders and C
     logs = root / "logs"
-    fresh = not (root / "runs").exists()  # a run from nothing measures the whole study's cost
+    # a run from nothing measures the whole study's cost (Hydra has made its own folder under runs/ already)
+    fresh = not (root / "runs" / "shared").exists()
     start = time.perf_counter()
 
     run_task(_config(base, {"task": "make_benchmark"}))
