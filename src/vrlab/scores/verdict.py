@@ -29,13 +29,17 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(np.mean(finite)), "min": min(finite), "max": max(finite), "n": len(finite)}
 
 
+def _measures(fit: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Each feature set's measures from one benchmark's fit."""
+    return {s: {m: float(fit[m][s]) for m in MEASURES} for s in FEATURE_SETS}
+
+
 def _try(table: pd.DataFrame, benchmark: str, degree: int) -> dict[str, dict[str, float]]:
     """Each feature set's measures on `benchmark`; NaN where the table admits no fit (a constant column)."""
     try:
-        f = fit_law(table, [benchmark], degree=degree)["benchmarks"][benchmark]
+        return _measures(fit_law(table, [benchmark], degree=degree)["benchmarks"][benchmark])
     except VrlabError:
         return {s: dict.fromkeys(MEASURES, math.nan) for s in FEATURE_SETS}
-    return {s: {m: float(f[m][s]) for m in MEASURES} for s in FEATURE_SETS}
 
 
 def judge(
@@ -69,7 +73,10 @@ def judge(
                 "verdict": f"{b}: no fit ({exc})",
             }
             continue
-        seeds = {seed: _try(t, b, degree) for seed, t in tables.items()}
+        # the default seed's fit is the one above; only the other seeds are fitted here
+        seeds = {
+            seed: _measures(fit) if seed == default_seed else _try(t, b, degree) for seed, t in tables.items()
+        }
         drops = {
             name: _try(base[base["representation"] != name].reset_index(drop=True), b, degree)
             for name in base["representation"]
