@@ -42,6 +42,8 @@ BUILTIN_TARGETS = {
         "vrlab.eval.docs.LmmsTaskLoader",
         "vrlab.data.captions.CaptionLoader",
         "vrlab.data.webdataset.WebDatasetLoader",
+        "vrlab.data.lmvr_sets.DeepFashionLoader",
+        "vrlab.data.lmvr_sets.ImageNetLoader",
     },
 }
 ENTRY_POINT_GROUPS = {"encoder": "vrlab.backends", "benchmark": "vrlab.loaders"}

@@ -1,5 +1,6 @@
 """One loader per dataset layout, each reading the dataset's own files: SPair-71k, PASCAL VOC2007, COCO,
-ImageFolder, VisDA-2017, ImageNet-C, LLaVA-style JSON, and a plain list of image paths.
+ImageFolder, VisDA-2017 (train, validation, test), ImageNet-C, LLaVA-style JSON, and a plain list of image paths
+(DeepFashion-MultiModal and ImageNet-1k with its devkit are in `vrlab.data.lmvr_sets`).
 
 Every loader exposes `items` (one `Item` per image, in a fixed order, no id shared by two files), `classes`,
 `task` and `split`; errors name the file and key at fault.
@@ -278,24 +279,31 @@ class ImageFolderLoader(Loader):
 
 
 class VisDALoader(ImageFolderLoader):
-    """VisDA-2017 classification: `train/` (synthetic renders) and `validation/` (real photos), class folders;
-    `image_list.txt` ("path label" lines) when present fixes the order and labels."""
+    """VisDA-2017 classification: `train/` (synthetic renders), `validation/` (real photos, COCO) and `test/`
+    (real, YouTube-BB: `trunkNN/<hash>.jpg`); "path label" lines in `image_list.txt` fix the order and labels
+    when present. The test download lists paths only; its labels are the organisers' released list (same
+    format), named by `ground_truth` (a file in the split folder)."""
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
-        listing = Path(root) / split / "image_list.txt"
-        if not listing.exists():
+    def __init__(self, root: str | Path, split: str = "train", ground_truth: str | None = None) -> None:
+        listing = Path(root) / split / (ground_truth or "image_list.txt")
+        if not listing.exists() and not ground_truth:
             super().__init__(root, split)
             return
         Loader.__init__(self, root, split)
         base = self.root / split
-        rows = [line.split() for line in listing.read_text().splitlines() if line.strip()]
+        rows = [line.split() for line in _need(listing, "VisDA label list").read_text().splitlines()]
+        rows = [row for row in rows if row]
         for n, row in enumerate(rows, 1):
+            if len(row) == 1 and not ground_truth:
+                raise VrlabError(
+                    f"{listing}:{n}: a path without a label; the test split's labels are the released "
+                    "ground-truth list: save it in the split folder and name it in the card's ground_truth"
+                )
             if len(row) != 2 or not (row[1].isascii() and row[1].isdigit()):  # '²'.isdigit() is True
                 raise VrlabError(f"{listing}:{n}: expected 'relative/path label', got {' '.join(row)!r}")
-        for n, (_, lbl) in enumerate(rows, 1):
-            if not 0 <= int(lbl) < len(VISDA_CLASSES):
+            if not 0 <= int(row[1]) < len(VISDA_CLASSES):
                 raise VrlabError(
-                    f"{listing}:{n}: label {lbl} is not a VisDA-2017 class (0..{len(VISDA_CLASSES) - 1})"
+                    f"{listing}:{n}: label {row[1]} is not a VisDA-2017 class (0..{len(VISDA_CLASSES) - 1})"
                 )
         # the official names, indexed by label: a list that lacks a class must not shift the others
         self.classes = list(VISDA_CLASSES)

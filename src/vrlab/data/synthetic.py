@@ -1,7 +1,7 @@
 """The generated benchmark: rendered scenes written in the real datasets' layouts (SPair-71k pairs under an exact
 similarity warp, VOC multi-label scenes, ImageFolder classes, two VisDA domains, ImageNet-C copies, LLaVA
 captions and conversations, the local lmms-eval tasks, a caption set in the Flickr30k/COCO Karpathy
-retrieval layout), deterministic from a seed. Scenes themselves come
+retrieval layout, and LMVR's data sets from `vrlab.data.lmvr_synthetic`), deterministic from a seed. Scenes themselves come
 from `vrlab.data.scenes`, their questions from `vrlab.data.questions`.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vrlab.data.lmvr_synthetic import write_coco, write_deepfashion, write_imagenet, write_visda_test
 from vrlab.data.questions import ONE_WORD, pick_question, scene_questions, write_lmms_tasks
 from vrlab.data.scenes import COLOURS, SHAPES, Scene, SceneObject, render_scene, write_demo_images
 from vrlab.data.semantic_pairs import write_semantic_spair
@@ -22,7 +23,7 @@ __all__ = ["COLOURS", "SHAPES", "make_benchmark", "write_demo_images"]
 
 
 # bumped whenever the generator's output changes: a benchmark written by another version is written again
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 DEFAULT_SIZES = {
     "spair_pairs_per_category": 4,  # correspondence pairs (SPair-71k layout, test split)
     "semantic_pairs_per_category": 4,  # pairs of two instances of a category, at 64 px (synth-spair-semantic)
@@ -34,6 +35,11 @@ DEFAULT_SIZES = {
     "lmms": 48,  # questions of each local lmms-eval task (synth_vqa, synth_mc), on scenes of their own
     "lmms_per_kind": 48,  # questions of each per-kind task (synth_colour, _shape, _count, _position), at 64 px
     "captions": 64,  # images with a short and a long caption (retrieval and LLM2CLIP), on scenes of their own
+    "coco_per_split": 24,  # multi-label scenes per split (COCO layout, train2017 and val2017)
+    "visda_test_per_class": 4,  # photo-like scenes per class (VisDA-2017 test layout, labels apart)
+    "imagenet_train_per_class": 8,  # ImageNet layout: train in class folders
+    "imagenet_val_per_class": 2,  # ... and val flat with a devkit
+    "deepfashion": 80,  # scenes with attribute files and captions (DeepFashion-MultiModal layout)
 }
 
 
@@ -351,6 +357,22 @@ def make_benchmark(
             tmp / "captions", np.random.default_rng([seed, 8]), sizes["captions"], image_size
         ),
     }
+    counts["coco"] = write_coco(
+        tmp / "coco", np.random.default_rng([seed, 10]), sizes["coco_per_split"], image_size
+    )
+    counts["visda_test"] = write_visda_test(
+        tmp / "visda", np.random.default_rng([seed, 11]), sizes["visda_test_per_class"], image_size
+    )
+    counts["imagenet"] = write_imagenet(
+        tmp / "imagenet",
+        np.random.default_rng([seed, 12]),
+        sizes["imagenet_train_per_class"],
+        sizes["imagenet_val_per_class"],
+        image_size,
+    )
+    counts["deepfashion"] = write_deepfashion(
+        tmp / "deepfashion", np.random.default_rng([seed, 13]), sizes["deepfashion"], image_size
+    )
     counts["imagenet_c"] = write_imagenet_c(
         tmp / "imagenet_c", tmp / "folder" / "test", sizes["imagenet_c_per_class"], seed
     )
