@@ -9,6 +9,8 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_EVAL
 	HF_UPDATE_DOWNLOAD_COUNTS=0 HF_HUB_DISABLE_TELEMETRY=1 WANDB_MODE=disabled
 DEMO_ROOT ?= demo
 DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/eva02-clip,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/dit,tiny/sd3,tiny/clip.tiny/dinov2,tiny/clip.tiny/sd
+# the demo's BLIP-2-style adapter: BLIP-2's Q-Former, small enough for a CPU
+BLIP2_ADAPTER = adapter=qformer adapter.hidden=64 adapter.layers=2 adapter.heads=4 adapter.num_queries=8
 DEMO_ARGS = registry.encoder_dirs=[$(DEMO_ROOT)/encoders] paths.data=$(DEMO_ROOT)/data demo.root=$(DEMO_ROOT)
 PERF_ENCODERS ?= random/vit-s16,tiny/clip,tiny/sd
 LAW_DEMO_ENCODERS ?= tiny/clip,tiny/siglip,tiny/dinov2,tiny/dinov2-reg,tiny/eva02-timm,tiny/sd,tiny/sdxl,tiny/sd-image-variations,tiny/sd3
@@ -26,7 +28,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo science perf resolution-demo resolution-study proxies-demo proxy-leaderboard law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness clean
+.PHONY: help install test test-fast lint format demo science perf resolution-demo resolution-study proxies-demo proxy-leaderboard law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness lmvr-tables clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -100,6 +102,16 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 		probe.layer=-1,1 probe.moment=after $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) -m task=probe experiment=demo_lmvr probe.features=encoder,adapter $(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=probe_table experiment=demo_lmvr $(DEMO_ARGS)
+	@# LMVR's eight tables: the model above, its copy tuned on the DeepFashion captions (Table 6) and a
+	@# BLIP-2-style model, tiny EVA + a small Q-Former (Tables 7-8).
+	$(OFFLINE) $(VRLAB) task=train stage=2 experiment=demo encoder=tiny/clip train.data=synth-deepfashion-train \
+		'train.init_from=$${demo.root}/stage2/tiny/clip/model' 'train.out=$${demo.root}/lmvr/finetuned' $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=train stage=1 experiment=demo encoder=tiny/eva02-clip train.data=synth-captions \
+		$(BLIP2_ADAPTER) 'train.out=$${demo.root}/lmvr/blip2-stage1' $(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=train stage=2 experiment=demo encoder=tiny/eva02-clip train.data=synth-conversations \
+		$(BLIP2_ADAPTER) 'train.init_from=$${demo.root}/lmvr/blip2-stage1/adapter' 'train.out=$${demo.root}/lmvr/blip2' \
+		$(DEMO_ARGS)
+	$(OFFLINE) $(VRLAB) task=lmvr_table experiment=demo_lmvr $(DEMO_ARGS)
 
 SCIENCE_ARGS ?=
 SCIENCE_EXPERIMENT ?= science
@@ -176,6 +188,15 @@ lmvr-domain-shift: install ## probe trained on VisDA synthetic, tested on real, 
 
 lmvr-robustness: install ## probe trained on clean images, tested on ImageNet-C, for CHECKPOINT
 	$(VRLAB) -m task=probe experiment=lmvr_robustness checkpoint=$(CHECKPOINT) probe.features=encoder,adapter,llm
+
+FINETUNED ?= null
+BLIP2 ?= null
+LMVR_TABLE_ARGS = experiment=lmvr_paper checkpoint=$(CHECKPOINT) lmvr_table.finetuned=$(FINETUNED) lmvr_table.blip2=$(BLIP2)
+lmvr-tables: install ## the LMVR paper's eight tables for CHECKPOINT (FINETUNED: Table 6's tuned model; BLIP2: Tables 7-8)
+	$(VRLAB) task=lmvr_table $(LMVR_TABLE_ARGS)
+
+lmvr-table%: install ## one LMVR table, e.g. make lmvr-table3 CHECKPOINT=... (Markdown and CSV in outputs/lmvr_tables)
+	$(VRLAB) task=lmvr_table lmvr_table.table=$* $(LMVR_TABLE_ARGS)
 
 clean: ## remove demo files and outputs (keeps .venv)
 	rm -rf $(DEMO_ROOT) outputs .pytest_cache .ruff_cache

@@ -49,6 +49,7 @@ TASKS = {
     "lmvr_features": "vrlab.tasks.probe:lmvr_features_task",
     "probe": "vrlab.tasks.probe:probe_task",
     "probe_table": "vrlab.tasks.probe:probe_table_task",
+    "lmvr_table": "vrlab.tasks.lmvr_tables:lmvr_table_task",
     "attention": "vrlab.tasks.probe:attention_task",
 }
 

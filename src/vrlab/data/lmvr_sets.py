@@ -91,6 +91,7 @@ class DeepFashionLoader(Loader):
         self.test_fraction = float(test_fraction)
         self.image_folder = "image"
         self.attributes = deepfashion_attributes()
+        self.groups = DEEPFASHION_GROUPS
         self.values = {a: [v for v in codes.values() if v != _NA] for a, codes in self.attributes.items()}
         files = {
             "shape": (self.root / "labels" / "shape" / "shape_anno_all.txt", tuple(DEEPFASHION_SHAPE)),

@@ -326,8 +326,10 @@ class ImageNetCLoader(Loader):
         corruptions: Sequence[str] | None = None,
         severities: Sequence[int] | None = None,
         classes: Sequence[str] | None = None,
+        max_per_class: int | None = None,
     ) -> None:
         super().__init__(root, None)
+        self.max_per_class = max_per_class  # the first N images of each class in each cell (a subset)
         available = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         chosen = list(corruptions) if corruptions else available
         missing = [c for c in chosen if c not in available]
@@ -347,10 +349,13 @@ class ImageNetCLoader(Loader):
                     "severity": int(sev_dir.name),
                     "category": category.get(corruption, "other"),
                 }
-                self.items += [
-                    Item(f"{corruption}/{sev_dir.name}/{it.id}", it.path, it.label, dict(meta))
-                    for it in folder.items
-                ]
+                kept: dict[Any, int] = {}
+                for it in folder.items:
+                    kept[it.label] = kept.get(it.label, 0) + 1
+                    if not max_per_class or kept[it.label] <= max_per_class:
+                        self.items.append(
+                            Item(f"{corruption}/{sev_dir.name}/{it.id}", it.path, it.label, dict(meta))
+                        )
         self.check_ids()
 
 

@@ -267,3 +267,57 @@ def corruption_groups(
         sel = [k for k, other in enumerate(keys) if other == key]
         groups[f"{name}/{key[0]}/{key[1]}"] = (features[sel], [labels[k] for k in sel])
     return groups
+
+
+def attribute_probes(
+    train_x: torch.Tensor,
+    train_attrs: Sequence[dict[str, int | None]],
+    tests: dict[str, tuple[torch.Tensor, Sequence[dict[str, int | None]]]],
+    values: dict[str, Sequence[str]],
+    groups: dict[str, Sequence[str]],
+    **kw: Any,
+) -> dict[str, Any]:
+    """One multi-class probe per attribute (DeepFashion-MultiModal), on the rows where the attribute is known:
+    NA rows are left out of its training and test sets and counted. Each group's score is the mean accuracy
+    over its attributes; an attribute with fewer than two values among its training rows is not probed (it
+    would score a constant) and is listed under `skipped`."""
+    per: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for attr, names in values.items():
+        keep = [i for i, a in enumerate(train_attrs) if a[attr] is not None]
+        labels = [train_attrs[i][attr] for i in keep]
+        if len(set(labels)) < 2 or len(keep) < 5:
+            skipped[attr] = f"{len(keep)} known training rows with {len(set(labels))} distinct values"
+            continue
+        test_sets, counts = {}, {}
+        for name, (x, attrs) in tests.items():
+            sel = [i for i, a in enumerate(attrs) if a[attr] is not None]
+            counts[name] = {"n": len(sel), "na_excluded": len(attrs) - len(sel)}
+            if sel:
+                test_sets[name] = (x[sel], [attrs[i][attr] for i in sel])
+        res = fit_and_evaluate(train_x[keep], labels, test_sets, len(names), False, **kw)
+        per[attr] = {
+            "weight_decay": res["weight_decay"],
+            "train": {**res["train"], "n": len(keep), "na_excluded": len(train_attrs) - len(keep)},
+            "test": {name: {**res["test"].get(name, {}), **counts[name]} for name in tests},
+        }
+    summary = {
+        name: {
+            group: float(np.mean(scores))
+            for group, attrs in groups.items()
+            if (
+                scores := [
+                    per[a]["test"][name]["accuracy"]
+                    for a in attrs
+                    if "accuracy" in per.get(a, {}).get("test", {}).get(name, {})
+                ]
+            )
+        }
+        for name in tests
+    }
+    return {
+        "test": summary,
+        "attributes": per,
+        "skipped": skipped,
+        "groups": {g: list(a) for g, a in groups.items()},
+    }

@@ -32,6 +32,13 @@ TOKEN_SETS = ("all", "image", "prompt", "generated", "last")
 POOLINGS = ("mean", "max")
 MOMENTS = ("before", "after")
 LMVR_PROMPT = "Describe the image in detail."
+# What the authors' extraction code ran (greedy decoding, the mean over every position of the last layer, which
+# is the default probe row after/all/mean/layer-1); vrlab's `vicuna_v1` is their `vicuna_v1_1` template.
+RELEASED_RECIPE = {
+    "prompt": "Describe the items in the image:",
+    "max_new_tokens": 1024,
+    "template": "vicuna_v1",
+}
 
 
 def config_names(
@@ -141,7 +148,10 @@ def lmvr_batch(
             rows.append(pool(states[layer].float(), masks[t], p))
             names.append(f"{moment}/{t}/{p}/layer{layer}")
     enc = model.encoder(batch["pixel_values"])
-    enc_rows = [enc.mean().float()] + ([enc.pooled.float()] if enc.pooled is not None else [])
+    mean = enc.mean().float()
+    # a pooled output of another width (EVA-CLIP's projected embedding) cannot share the store's rows
+    pooled = enc.pooled is not None and enc.pooled.shape[-1] == mean.shape[-1]
+    enc_rows = [mean] + ([enc.pooled.float()] if pooled else [])
     projected = model.encode_images(batch["pixel_values"], batch.get("guide_ids"), batch.get("guide_mask"))
     adapter = torch.stack([v.float().mean(0) for v in projected])  # each image's own tokens (anyres, native)
     texts = model.tokenizer.batch_decode(new.masked_fill(~gen_mask, pad), skip_special_tokens=True)
@@ -149,7 +159,7 @@ def lmvr_batch(
         "llm": torch.stack(rows, 1),
         "names": names,
         "encoder": torch.stack(enc_rows, 1),
-        "encoder_names": ["encoder/mean"] + (["encoder/pooled"] if enc.pooled is not None else []),
+        "encoder_names": ["encoder/mean"] + (["encoder/pooled"] if pooled else []),
         "adapter": adapter.unsqueeze(1),
         "texts": texts,
     }

@@ -14,13 +14,20 @@ from typing import Any
 import pandas as pd
 import torch
 
+from vrlab.checkpoint import VLM_CONFIG
 from vrlab.data.images import decode_image
 from vrlab.errors import VrlabError
 from vrlab.fingerprint import items_fingerprint, path_fingerprint
 from vrlab.mllm.model import VisionLanguageModel
 from vrlab.probes.attention import overlay, word_attention
-from vrlab.probes.linear import corruption_groups, finite_features, fit_and_evaluate, robustness_summary
-from vrlab.probes.lmvr import write_lmvr_stores
+from vrlab.probes.linear import (
+    attribute_probes,
+    corruption_groups,
+    finite_features,
+    fit_and_evaluate,
+    robustness_summary,
+)
+from vrlab.probes.lmvr import RELEASED_RECIPE, write_lmvr_stores
 from vrlab.report import markdown_table
 from vrlab.runtime import (
     atomic_write_bytes,
@@ -102,7 +109,9 @@ def lmvr_features_task(cfg: Any) -> dict[str, Any]:
 
 def _features(cfg: Any, benchmark: str, kind: str, row: str) -> tuple[torch.Tensor, list[Any], Any]:
     """Features `[N, D]` of one benchmark for `kind` (llm | encoder | adapter) and a row name, plus labels."""
-    bench = benchmark_from_cfg(cfg, benchmark, {})
+    # per-card loader overrides (a documented subset such as {imagenet-train: {max_per_class: 10}})
+    overrides = (to_plain(cfg.probe.get("benchmark_args")) or {}).get(benchmark, {})
+    bench = benchmark_from_cfg(cfg, benchmark, overrides)
     out, stores = lmvr_stores(cfg, bench)
     store = stores[kind]
     rows = store.manifest["rows"]
@@ -110,8 +119,28 @@ def _features(cfg: Any, benchmark: str, kind: str, row: str) -> tuple[torch.Tens
         raise VrlabError(f"feature row '{row}' is not in {out / kind} (rows: {', '.join(rows)})")
     feats = store.load()[:, rows.index(row)]
     finite_features(feats, f"features '{row}' of {out / kind}", store.ids)
-    labels = {it.id: it.label for it in bench.items}
+    # an attribute benchmark (DeepFashion) labels each image with every attribute at once
+    labels = {it.id: it.meta["attributes"] if bench.task == "attributes" else it.label for it in bench.items}
     return feats, [labels[i] for i in store.ids], bench
+
+
+def lmvr_recipe(cfg: Any) -> dict[str, Any]:
+    """How the LLM features of `cfg.checkpoint` were made, and whether that is the released code's recipe."""
+    lcfg = cfg.lmvr
+    config = Path(str(cfg.checkpoint)) / VLM_CONFIG
+    template = json.loads(config.read_text()).get("template") if config.exists() else None
+    ours = {"prompt": str(lcfg.prompt), "max_new_tokens": int(lcfg.max_new_tokens), "template": template}
+    differs = [k for k, v in RELEASED_RECIPE.items() if ours.get(k) != v]
+    return {
+        **ours,
+        "decoding": "greedy",
+        "released": not differs,
+        "note": "the released code's recipe"
+        if not differs
+        else "fast settings, not the released code's recipe (which has "
+        + ", ".join(f"{k}={RELEASED_RECIPE[k]!r}" for k in differs)
+        + ")",
+    }
 
 
 def probe_task(cfg: Any) -> dict[str, Any]:
@@ -136,16 +165,12 @@ def probe_task(cfg: Any) -> dict[str, Any]:
                 f"test benchmark '{name}' has classes {tb.classes}, training '{pcfg.train}' has {bench.classes}"
             )
         tests.update(corruption_groups(name, x, y, tb.items))
-    result = fit_and_evaluate(
-        train_x,
-        train_y,
-        tests,
-        len(bench.classes),
-        multilabel,
-        weight_decays=to_plain(pcfg.weight_decays),
-        val_fraction=pcfg.val_fraction,
-        seed=cfg.seed,
-    )
+    fit = {"weight_decays": to_plain(pcfg.weight_decays), "val_fraction": pcfg.val_fraction, "seed": cfg.seed}
+    if bench.task == "attributes":
+        result = attribute_probes(train_x, train_y, tests, bench.values, bench.groups, **fit)
+        result["weight_decay"] = {a: r["weight_decay"] for a, r in result["attributes"].items()}
+    else:
+        result = fit_and_evaluate(train_x, train_y, tests, len(bench.classes), multilabel, **fit)
     result.update(
         features=pcfg.features,
         row=row,
@@ -154,8 +179,14 @@ def probe_task(cfg: Any) -> dict[str, Any]:
         protocol={
             "classifier": "logistic regression, L-BFGS, standardised features",
             "selection": f"weight decay on a seeded {pcfg.val_fraction:.0%} validation split, then refit",
-            "metric": "mAP (sklearn AP definition)" if multilabel else "top-1 accuracy",
+            "metric": "mAP (sklearn AP definition)"
+            if multilabel
+            else "top-1 accuracy per attribute (NA rows left out), averaged per group"
+            if bench.task == "attributes"
+            else "top-1 accuracy",
         },
+        benchmark_args=to_plain(pcfg.get("benchmark_args")) or {},
+        **({"recipe": lmvr_recipe(cfg)} if pcfg.features == "llm" else {}),
     )
     if any("/" in k for k in result["test"]):
         result["robustness"] = robustness_summary(result["test"])
@@ -169,6 +200,7 @@ def probe_task(cfg: Any) -> dict[str, Any]:
             "test": to_plain(pcfg.test),
             "checkpoint": str(cfg.checkpoint),
             "wd": to_plain(pcfg.weight_decays),
+            **({"benchmark_args": to_plain(pcfg.benchmark_args)} if pcfg.get("benchmark_args") else {}),
         },
     )
     atomic_write_json(out / "probe.json", result)
