@@ -171,7 +171,7 @@ LAW_ENCODERS = [
 @pytest.mark.slow
 def test_make_demo_end_to_end(tmp_path):
     """`make demo` on a fresh folder: tiny models of every family, features for each and two composites, then
-    training, lmms-eval on the local tasks, the law fitted on the eval scores, and LLM2CLIP."""
+    training, lmms-eval on the local tasks, the law fitted on the eval scores, LLM2CLIP and LMVR's tables."""
     proc = subprocess.run(
         [
             "make",
@@ -222,6 +222,12 @@ def test_make_demo_end_to_end(tmp_path):
     assert {"A", "C", "synth_vqa", "synth_mc"} <= set(caption) and not any(
         c.startswith("A_") for c in caption
     )
+    # LMVR: the paper's eight tables, every cell filled, no published number beside generated data
+    tables = json.loads((tmp_path / "out" / "lmvr_tables" / "tables.json").read_text())
+    assert sorted(map(int, tables["tables"])) == list(range(1, 9)) and not tables["skipped"]
+    for t in tables["tables"].values():
+        assert not t["real_data"] and all(Path(f).exists() for f in t["files"])
+        assert all(v is not None and not k.startswith("paper") for r in t["rows"] for k, v in r.items())
     # LLM2CLIP: the CLIP stage against the tiny LLM's caption embeddings beats its untrained adapter
     l2c = json.loads((tmp_path / "demo" / "llm2clip" / "llm2clip_result.json").read_text())
     before, after = l2c["retrieval"]["before"], l2c["retrieval"]["after"]

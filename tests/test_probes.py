@@ -297,3 +297,66 @@ def test_two_torchrun_ranks_write_the_lmvr_stores_of_one_process(
         assert torch.allclose(a.load(), b.load(), atol=1e-5) and a.manifest["rows"] == b.manifest["rows"]
     responses = EmbeddingStore(runs["two"] / "llm").manifest["responses"]
     assert responses == EmbeddingStore(runs["one"] / "llm").manifest["responses"] and len(responses) == 12
+
+
+# --- the tables --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_lmvr_tables_in_the_papers_layout_with_reference_columns_for_real_cards(
+    compose_cfg, vlm, data_root, tiny_root, tmp_path
+):
+    import json
+
+    from vrlab.cli import run_task
+    from vrlab.errors import VrlabError
+    from vrlab.tasks.lmvr_tables import CORRUPTIONS
+
+    ckpt = vlm.save_pretrained(tmp_path / "model")
+    # the real COCO cards read the generated COCO files, so Table 2's COCO column counts as real data
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "coco").symlink_to(data_root / "synthetic" / "coco")
+    (data / "synthetic").symlink_to(data_root / "synthetic")
+    synth = {
+        "voc07": ("synth-voc-trainval", "[synth-voc-test]"),
+        "visda": ("synth-visda-train", "[synth-visda-validation,synth-visda-test]"),
+        "imagenet": ("synth-imagenet-train", "[synth-imagenet-val,synth-imagenet-c]"),
+        "deepfashion": ("synth-deepfashion-train", "[synth-deepfashion-test]"),
+    }
+    common = [
+        f"paths.data={data}",
+        f"registry.encoder_dirs=[{tiny_root / 'cards'}]",
+        f"checkpoint={ckpt}",
+        f"lmvr_table.blip2={ckpt}",
+        "lmvr.max_new_tokens=4",
+        "lmvr.layers=[-1,-2]",
+        "probe.weight_decays=[1.0e-2,1.0]",
+        *[f"lmvr_table.data.{k}.train={tr}" for k, (tr, _) in synth.items()],
+        *[f"lmvr_table.data.{k}.test={te}" for k, (_, te) in synth.items()],
+    ]
+    res = run_task(compose_cfg("task=lmvr_table", *common))
+    assert set(res["tables"]) == set(range(1, 9)) and not res["skipped"]
+    t1 = res["tables"][1]["rows"]
+    assert not res["tables"][1]["real_data"] and not any(k.startswith("paper") for k in t1[0])
+    assert "not the released code's recipe" in res["tables"][1]["recipes"][0]
+    # every cell is the probe run it names
+    for r in t1:
+        probe = json.loads((Path(r["runs"]) / "probe.json").read_text())
+        assert probe["test"]["synth-voc-test"]["mAP"] == pytest.approx(r["VOC07 mAP"])
+    t2 = res["tables"][2]["rows"]  # COCO from the real cards: the paper's numbers beside it, VOC without
+    assert [r["paper: COCO mAP"] for r in t2] == [79.5, 78.5, 84.0] and "paper: VOC07 mAP" not in t2[0]
+    assert len(t2[0]["runs"].split("; ")) == 2  # one probe per data set
+    t7 = res["tables"][7]["rows"]
+    assert [r["paper: COCO mAP"] for r in t7] == [82.3, None, 84.5]
+    t4 = res["tables"][4]["rows"]
+    assert [r["row"] for r in t4] == ["vision encoder alone", "w/ adaptor", "LMVR"]
+    assert t4[0]["mean"] == pytest.approx(np.mean([t4[0][c] for c in CORRUPTIONS]))
+    t5 = res["tables"][5]["rows"][2]
+    assert t5["noise"] == pytest.approx(np.mean([t4[2][c] for c in CORRUPTIONS[:3]]))
+    t6 = res["tables"][6]["rows"]
+    assert all(0 <= t6[0][g] <= 100 for g in ("Object", "Fabric", "Texture"))
+    assert t6[2]["Object"] is None and t6[2]["runs"].startswith("not run: lmvr_table.finetuned is not set")
+    out = tmp_path / "outputs" / "lmvr_tables"
+    assert (out / "table8.csv").read_text().splitlines()[0].startswith("row,validation acc")
+    assert "paper: COCO mAP" in (out / "table2.md").read_text()
+    with pytest.raises(VrlabError, match=r"lmvr_table.blip2 is not set"):
+        run_task(compose_cfg("task=lmvr_table", "lmvr_table.table=7", *common, "lmvr_table.blip2=null"))

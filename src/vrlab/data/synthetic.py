@@ -39,7 +39,7 @@ DEFAULT_SIZES = {
     "visda_test_per_class": 4,  # photo-like scenes per class (VisDA-2017 test layout, labels apart)
     "imagenet_train_per_class": 8,  # ImageNet layout: train in class folders
     "imagenet_val_per_class": 2,  # ... and val flat with a devkit
-    "deepfashion": 80,  # scenes with attribute files and captions (DeepFashion-MultiModal layout)
+    "deepfashion": 160,  # scenes with attribute files and captions (DeepFashion-MultiModal layout)
 }
 
 

@@ -272,10 +272,12 @@ def lmvr_table_task(cfg: Any) -> dict[str, Any]:
     out = Path(tcfg.out or Path(cfg.paths.outputs) / "lmvr_tables")
     cells, written, skipped = Cells(cfg), {}, {}
     for number in wanted:
-        needs = TABLES[number]["rows"][0].model
-        if len(wanted) > 1 and needs == "blip2" and not tcfg.blip2:
-            skipped[number] = "lmvr_table.blip2 is not set"
-            log.warning("table %d skipped: %s", number, skipped[number])
+        if TABLES[number]["rows"][0].model == "blip2" and not tcfg.blip2:
+            why = "lmvr_table.blip2 is not set (a stage-2 model with an EVA encoder and the qformer adapter)"
+            if len(wanted) == 1:
+                raise VrlabError(f"Table {number}: {why}")
+            skipped[number] = why
+            log.warning("table %d skipped: %s", number, why)
             continue
         t = build_table(cfg, number, cells)
         atomic_write_bytes(
