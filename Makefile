@@ -183,7 +183,7 @@ lmvr-components: install ## encoder vs adapter vs LLM features, multi-label VOC2
 		probe.train=coco-train2017 'probe.test=[coco-val2017]'
 	$(VRLAB) task=probe_table
 
-lmvr-domain-shift: install ## probe trained on VisDA synthetic, tested on real, for CHECKPOINT
+lmvr-domain-shift: install ## probe trained on VisDA synthetic, tested on real validation and test, for CHECKPOINT
 	$(VRLAB) -m task=probe experiment=lmvr_domain_shift checkpoint=$(CHECKPOINT) probe.features=encoder,adapter,llm
 
 lmvr-robustness: install ## probe trained on clean images, tested on ImageNet-C, for CHECKPOINT

@@ -269,6 +269,13 @@ def lmvr_table_task(cfg: Any) -> dict[str, Any]:
         raise VrlabError(f"lmvr_table.table={tcfg.table} must be 1..8 or all")
     if not cfg.checkpoint:
         raise VrlabError("task=lmvr_table needs checkpoint=<the LMVR stage-2 model folder>")
+    for key, path in (
+        ("checkpoint", cfg.checkpoint),
+        ("lmvr_table.finetuned", tcfg.finetuned),
+        ("lmvr_table.blip2", tcfg.blip2),
+    ):
+        if path and not Path(str(path)).is_dir():
+            raise VrlabError(f"{key}={path} is not a model folder")
     out = Path(tcfg.out or Path(cfg.paths.outputs) / "lmvr_tables")
     cells, written, skipped = Cells(cfg), {}, {}
     for number in wanted:
