@@ -28,7 +28,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format demo science perf resolution-demo resolution-study proxies-demo proxy-leaderboard law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness lmvr-tables clean
+.PHONY: help install test test-fast lint format demo science perf resolution-demo resolution-study proxies-demo proxy-leaderboard law-ac law-paper law-fit lmvr-aggregation lmvr-components lmvr-domain-shift lmvr-robustness lmvr-tables report browser clean
 
 help: ## show the targets
 	@grep -E '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -46,10 +46,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps 'antlr4-python3-runtime==4.9.3'
 	touch $(STAMP)
 
-test: install ## run the whole test suite offline (slow end-to-end tests included)
+test: install browser ## run the whole test suite offline (slow end-to-end tests included)
 	$(OFFLINE) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
-test-fast: install ## the test suite without the slow end-to-end tests
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## Debian's chromium and chromium-driver for the report's browser test (installed when absent)
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test-fast: install browser ## the test suite without the slow end-to-end tests
 	$(OFFLINE) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
@@ -112,6 +118,12 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 		$(BLIP2_ADAPTER) 'train.init_from=$${demo.root}/lmvr/blip2-stage1/adapter' 'train.out=$${demo.root}/lmvr/blip2' \
 		$(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=lmvr_table experiment=demo_lmvr $(DEMO_ARGS)
+	@# The experiment's report: one self-contained HTML page of everything above (its path is printed).
+	$(OFFLINE) $(VRLAB) task=report experiment=demo $(DEMO_ARGS)
+
+EXPERIMENT_NAME ?= demo
+report: install ## the HTML report of EXPERIMENT_NAME's results under outputs/ (outputs/reports/<name>/index.html)
+	$(VRLAB) task=report experiment=$(EXPERIMENT_NAME)
 
 SCIENCE_ARGS ?=
 SCIENCE_EXPERIMENT ?= science

@@ -167,3 +167,57 @@ def decode_photo(path: Path) -> torch.Tensor:
     from torchvision.transforms.functional import pil_to_tensor
 
     return pil_to_tensor(Image.open(path).convert("RGB"))
+
+
+CHROMIUM_ARGS = [  # headless on a closed network: no background connections, no first-run work
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+def check_report_in_browser(page_file: Path, screenshot: Path) -> dict:
+    """Open a report from file:// in Debian's headless Chromium (driven by Playwright) and check it the way a
+    reader would: no console error, no request beyond the file, every figure drawn at a size, a column header
+    that sorts its table, a point whose hover shows its label; a full-page screenshot is saved."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = Path(os.environ.get("VRLAB_CHROMIUM", "/usr/bin/chromium"))
+    assert chromium.exists(), f"{chromium} missing: `make test` installs Debian's chromium (see the Makefile)"
+    seen: dict = {"console": [], "requests": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1320, "height": 900})
+        page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+        page.on("pageerror", lambda e: seen["console"].append(("error", str(e))))
+        page.on("request", lambda r: seen["requests"].append(r.url))
+        page.goto(page_file.resolve().as_uri())
+        seen["figures"] = page.eval_on_selector_all(
+            "figure svg, figure img",
+            "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
+        )
+        # sorting: the first numeric column of the first sortable table, ascending after one click
+        table = page.locator("table.sortable").first
+        col = page.evaluate(
+            """() => { const t = document.querySelector('table.sortable');
+                       const heads = [...t.querySelectorAll('th')];
+                       return heads.findIndex((h, i) => [...t.tBodies[0].rows].every(r => r.cells[i].classList.contains('num'))); }"""
+        )
+        if col >= 0:
+            table.locator("th").nth(col).click()
+            seen["sorted"] = page.evaluate(
+                f"() => [...document.querySelector('table.sortable').tBodies[0].rows].map(r => Number(r.cells[{col}].dataset.v))"
+            )
+        tips = page.evaluate("() => JSON.parse(document.getElementById('tips').textContent)")
+        if tips:
+            first = sorted(tips)[0]
+            page.hover(f"#{first}")
+            seen["tip"] = page.inner_text("#tip"), page.is_visible("#tip"), tips[first]
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return seen

@@ -228,6 +228,19 @@ def test_make_demo_end_to_end(tmp_path):
     for t in tables["tables"].values():
         assert not t["real_data"] and all(Path(f).exists() for f in t["files"])
         assert all(v is not None and not k.startswith("paper") for r in t["rows"] for k, v in r.items())
+    # the experiment's report: its path printed last, every encoder named, checked in Chromium
+    from conftest import check_report_in_browser
+
+    report = tmp_path / "out" / "reports" / "demo" / "index.html"
+    assert f"report: {report.resolve()}" in proc.stdout.strip().splitlines()[-1]
+    html = report.read_text()
+    assert all(name in html for name in LAW_ENCODERS) and html.count("<h3>Table ") == 8
+    seen = check_report_in_browser(report, ROOT / "build" / "screenshots" / "report-demo.png")
+    assert not [m for m in seen["console"] if m[0] == "error"] and seen["requests"] == [
+        report.resolve().as_uri()
+    ]
+    assert len(seen["figures"]) >= 6 and all(w > 100 and h > 100 for w, h in seen["figures"])
+    assert seen["sorted"] == sorted(seen["sorted"]) and seen["tip"][1] and seen["tip"][0] == seen["tip"][2]
     # LLM2CLIP: the CLIP stage against the tiny LLM's caption embeddings beats its untrained adapter
     l2c = json.loads((tmp_path / "demo" / "llm2clip" / "llm2clip_result.json").read_text())
     before, after = l2c["retrieval"]["before"], l2c["retrieval"]["after"]

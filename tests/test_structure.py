@@ -144,6 +144,8 @@ def _names(cfg) -> tuple[set[str], set[str]]:
     named = (c.get("benchmark"), c["train"]["data"], c["probe"]["train"], c["llm2clip_text"]["benchmark"])
     benchmarks = {b for b in (*named, c["llm2clip"]["benchmark"], c["llm2clip"]["eval_benchmark"]) if b}
     benchmarks |= set(c["probe"]["test"]) | set(c["alignment"]["benchmarks"])
+    for entry in c["lmvr_table"]["data"].values():  # the LMVR tables' cards
+        benchmarks |= {entry["train"], *entry["test"]}
     benchmarks = {b for b in benchmarks if not b.startswith("lmms:")}  # lmms-eval tasks, not cards
     return encoders, benchmarks
 

@@ -50,6 +50,7 @@ TASKS = {
     "probe": "vrlab.tasks.probe:probe_task",
     "probe_table": "vrlab.tasks.probe:probe_table_task",
     "lmvr_table": "vrlab.tasks.lmvr_tables:lmvr_table_task",
+    "report": "vrlab.tasks.report:report_task",
     "attention": "vrlab.tasks.probe:attention_task",
 }
 

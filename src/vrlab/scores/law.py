@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,7 @@ class BenchmarkFit:
     measured: list[float]  # normalised score
     a: list[float]
     c: list[float]
+    representations: list[str] = field(default_factory=list)  # the candidates fitted, in the lists' order
 
 
 def fit_benchmark(table: pd.DataFrame, benchmark: str, degree: int = 2) -> BenchmarkFit:
@@ -198,6 +199,7 @@ def fit_benchmark(table: pd.DataFrame, benchmark: str, degree: int = 2) -> Bench
         y.tolist(),
         a.tolist(),
         c.tolist(),
+        rows["representation"].tolist(),
     )
 
 

@@ -294,6 +294,7 @@ def lmvr_table_task(cfg: Any) -> dict[str, Any]:
         atomic_write_bytes(out / f"table{number}.md", _markdown(t).encode())
         written[number] = {
             "title": t["title"],
+            "columns": [*t["table"].columns, "runs"],  # the paper's column order (JSON keys get sorted)
             "rows": t["rows"],
             "real_data": t["real_data"],
             "recipes": t["recipes"],
