@@ -200,23 +200,30 @@ def check_report_in_browser(page_file: Path, screenshot: Path) -> dict:
             "figure svg, figure img",
             "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
         )
-        # sorting: the first numeric column of the first sortable table, ascending after one click
-        table = page.locator("table.sortable").first
-        col = page.evaluate(
-            """() => { const t = document.querySelector('table.sortable');
-                       const heads = [...t.querySelectorAll('th')];
-                       return heads.findIndex((h, i) => [...t.tBodies[0].rows].every(r => r.cells[i].classList.contains('num'))); }"""
+        # sorting: the first all-numeric column of any sortable table, ascending after one click
+        where = page.evaluate(
+            """() => { const tables = [...document.querySelectorAll('table.sortable')];
+                       for (const [t, table] of tables.entries()) {
+                         const rows = [...table.tBodies[0].rows];
+                         const n = table.querySelectorAll('th').length;
+                         for (let c = 0; c < n; c++) {
+                           if (rows.length > 1 && rows.every(r => r.cells[c].classList.contains('num'))) return [t, c];
+                         } }
+                       return null; }"""
         )
-        if col >= 0:
-            table.locator("th").nth(col).click()
-            seen["sorted"] = page.evaluate(
-                f"() => [...document.querySelector('table.sortable').tBodies[0].rows].map(r => Number(r.cells[{col}].dataset.v))"
-            )
+        assert where is not None, "no sortable table with a numeric column"
+        t, col = where
+        page.locator("table.sortable").nth(t).locator("th").nth(col).click()
+        seen["sorted"] = page.evaluate(
+            f"""() => [...document.querySelectorAll('table.sortable')[{t}].tBodies[0].rows]
+                     .map(r => r.cells[{col}].dataset.v).filter(v => v !== '').map(Number)"""
+        )
         tips = page.evaluate("() => JSON.parse(document.getElementById('tips').textContent)")
         if tips:
             first = sorted(tips)[0]
             page.hover(f"#{first}")
             seen["tip"] = page.inner_text("#tip"), page.is_visible("#tip"), tips[first]
+        page.mouse.move(0, 0)  # the tooltip off the figures for the screenshot
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()

@@ -58,19 +58,33 @@ def _labelled_points(
 
 
 def _place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Sequence[str]) -> None:
-    """Each label beside its point, moved down in steps until it overlaps no label placed before it (points
-    that coincide, such as two encoders with the same A and C, get stacked labels)."""
+    """Each label beside its point: the first of a few nearby spots (right, then left, stepping up and down)
+    where it overlaps no label placed before it and stays inside the axes; points that coincide, such as two
+    encoders with the same A and C, get labels on either side or stacked."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    placed: list[Any] = []
+    frame = ax.get_window_extent(renderer)
+    from matplotlib.transforms import Bbox
+
+    # the markers count as taken, so no label is printed over a point
+    placed: list[Any] = [
+        Bbox.from_bounds(px - 6, py - 6, 12, 12) for px, py in ax.transData.transform(np.c_[xs, ys])
+    ]
+    spots = [(dx, dy) for dy in (3, 14, -9, 25, -20, 36, -31) for dx in (7, -7)]
     for k in sorted(range(len(names)), key=lambda i: (-ys[i], xs[i])):
-        for step in range(12):
+        for n, (dx, dy) in enumerate(spots):
             text = ax.annotate(
-                names[k], (xs[k], ys[k]), xytext=(7, 4 - 11 * step), textcoords="offset points", fontsize=8.5
+                names[k],
+                (xs[k], ys[k]),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=8.5,
+                ha="left" if dx > 0 else "right",
             )
             box = text.get_window_extent(renderer).expanded(1.02, 1.1)
-            if not any(box.overlaps(other) for other in placed) or step == 11:
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if (inside and not any(box.overlaps(other) for other in placed)) or n == len(spots) - 1:
                 placed.append(box)
                 break
             text.remove()

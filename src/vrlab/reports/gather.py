@@ -195,6 +195,30 @@ def features(root: Path) -> dict[str, dict[str, Any]]:
     return {d["encoder"]: d for _, d in _json_files(root, "features/*/summary.json") if "encoder" in d}
 
 
+def stores(root: Path) -> list[dict[str, Any]]:
+    """Complete extraction stores: encoder, benchmark, key, measured width, tokens and input size."""
+    rows = []
+    for path, d in _json_files(root, "stores/*/*/manifest.json"):
+        if not d.get("complete") or "encoder" not in d:
+            continue
+        tokens = (d.get("shapes") or {}).get("tokens") or [None, None]
+        rows.append(
+            {
+                "encoder": d["encoder"],
+                "benchmark": path.parent.parent.name,
+                "projected": bool((d.get("settings") or {}).get("projector")),
+                "dim": tokens[-1],
+                "tokens": tokens[0] if len(tokens) == 2 else None,
+                "image_size": "x".join(map(str, d.get("image_size") or [])) or None,
+                "resolution": d.get("resolution"),
+                "items": d.get("num_items"),
+                "key": d.get("key"),
+                "run": str(path.parent.relative_to(root)),
+            }
+        )
+    return rows
+
+
 def gather(root: str | Path) -> dict[str, Any]:
     """Every result under `root` (an experiment's `paths.outputs`)."""
     root = Path(root)
@@ -207,6 +231,7 @@ def gather(root: str | Path) -> dict[str, Any]:
         "alignment": alignment(root),
         "perf": perf(root),
         "features": features(root),
+        "stores": stores(root),
         "lmvr_tables": lmvr_tables(root),
         "probes": probes(root),
         "attention": attention_maps(root),

@@ -26,7 +26,7 @@ def _num(v: Any) -> Any:
     return v
 
 
-PATH_COLUMNS = {"run", "sha256", "source", "file", "checkpoint digest", "run folders"}
+PATH_COLUMNS = {"run", "sha256", "source", "file", "checkpoint digest", "run folders", "store key"}
 
 
 def _table(columns: list[str], rows: list[list[Any]], filterable: bool = True) -> dict[str, Any]:
@@ -51,25 +51,31 @@ def _encoders(results: dict[str, Any], registry: Any) -> dict[str, Any]:
     names += [r["representation"] for r in results["evals"] + results["correspondence"]]
     names += [r["encoder"] for r in results["perf"]]
     perf = {r["encoder"]: r for r in results["perf"]}
+    stored = {r["encoder"]: r for r in results["stores"] if not r["projected"]}
     rows = []
     for name in dict.fromkeys(n for n in names if n):
-        family = source = dim = tokens = resolution = "?"
+        family = source = resolution = "?"
+        dim = tokens = None
         try:
             cards = registry.resolve(name) if registry is not None else []
             family = " + ".join(c.family for c in cards)
             source = " + ".join(c.source for c in cards)
             dims = [c.dim for c in cards]
-            dim = sum(dims) if all(dims) else "?"
+            dim = sum(dims) if all(dims) else None
             grid = cards[0].grid
-            tokens = grid[0] * grid[1] if grid else "?"
+            tokens = grid[0] * grid[1] if grid else None
             resolution = cards[0].spec.get("resolution", "fixed")
         except Exception:  # a result from a card no longer registered keeps its row, without card facts
             pass
         p = perf.get(name, {})
-        measured = results["features"].get(name, {})
-        if measured.get("dim"):
-            dim, grid = measured["dim"], measured.get("grid")
-            tokens = grid[0] * grid[1] if grid else tokens
+        store = stored.get(name, {})
+        if store.get("dim"):  # measured by an extraction, whatever the card declares
+            dim, tokens, resolution = (
+                store["dim"],
+                store["tokens"] or tokens,
+                store["resolution"] or resolution,
+            )
+        size = store.get("image_size") or "?"
         rows.append(
             [
                 name,
@@ -78,11 +84,22 @@ def _encoders(results: dict[str, Any], registry: Any) -> dict[str, Any]:
                 p.get("params_m"),
                 dim,
                 p.get("tokens") or tokens,
+                size,
                 p.get("resolution") or resolution,
                 p.get("end_to_end_img_s"),
             ]
         )
-    cols = ["encoder", "family", "source", "params (M)", "dim", "tokens/image", "resolution", "images/s"]
+    cols = [
+        "encoder",
+        "family",
+        "source",
+        "params (M)",
+        "dim",
+        "tokens/image",
+        "input (px)",
+        "resolution",
+        "images/s",
+    ]
     return _table(cols, rows)
 
 
@@ -168,11 +185,17 @@ def _policy(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _lmvr(results: dict[str, Any]) -> list[dict[str, Any]]:
+def _lmvr(results: dict[str, Any], outputs: Path) -> list[dict[str, Any]]:
+    def short(runs: str) -> str:  # run folders relative to the outputs folder, as every other table has them
+        return "; ".join(
+            str(Path(r).relative_to(outputs)) if Path(r).is_relative_to(outputs) else r
+            for r in runs.split("; ")
+        )
+
     out = []
     for t in results["lmvr_tables"]:
         cols = [c for c in t["columns"] if c != "runs"]
-        rows = [[r.get(c) for c in cols] + [r.get("runs", "")] for r in t["rows"]]
+        rows = [[r.get(c) for c in cols] + [short(r.get("runs", ""))] for r in t["rows"]]
         out.append({"title": t["title"], "recipes": t["recipes"], **_table([*cols, "run folders"], rows)})
     return out
 
@@ -251,9 +274,16 @@ def build_report(outputs: str | Path, name: str, registry: Any = None, command: 
                 for r in results["alignment"]
             ],
         ),
+        "stores": _table(
+            ["encoder", "benchmark", "adapter-projected", "dim", "tokens", "items", "store key", "run"],
+            [
+                [r[k] for k in ("encoder", "benchmark", "projected", "dim", "tokens", "items", "key", "run")]
+                for r in results["stores"]
+            ],
+        ),
         "law": _law(results, tips),
         "policy": _policy(results),
-        "lmvr": _lmvr(results),
+        "lmvr": _lmvr(results, Path(outputs).resolve()),
         "probes": _table(
             ["features", "row", "train", "test", "value", "metric", "run", "sha256"],
             [
