@@ -118,6 +118,9 @@ demo: install ## the whole pipeline on tiny models of every family and a generat
 		$(BLIP2_ADAPTER) 'train.init_from=$${demo.root}/lmvr/blip2-stage1/adapter' 'train.out=$${demo.root}/lmvr/blip2' \
 		$(DEMO_ARGS)
 	$(OFFLINE) $(VRLAB) task=lmvr_table experiment=demo_lmvr $(DEMO_ARGS)
+	@# Word-to-image attention maps of the LMVR model on two scenes (the report shows them as a grid).
+	$(OFFLINE) $(VRLAB) -m task=attention experiment=demo_lmvr \
+		attention.image=$(DEMO_ROOT)/images/scene_000.png,$(DEMO_ROOT)/images/scene_001.png $(DEMO_ARGS)
 	@# The experiment's report: one self-contained HTML page of everything above (its path is printed).
 	$(OFFLINE) $(VRLAB) task=report experiment=demo $(DEMO_ARGS)
 

@@ -196,10 +196,9 @@ def check_report_in_browser(page_file: Path, screenshot: Path) -> dict:
         page.on("pageerror", lambda e: seen["console"].append(("error", str(e))))
         page.on("request", lambda r: seen["requests"].append(r.url))
         page.goto(page_file.resolve().as_uri())
-        seen["figures"] = page.eval_on_selector_all(
-            "figure svg, figure img",
-            "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])",
-        )
+        size = "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])"
+        seen["figures"] = page.eval_on_selector_all("figure svg", size)
+        seen["images"] = page.eval_on_selector_all("figure img", size)  # the attention maps
         # sorting: the first all-numeric column of any sortable table, ascending after one click
         where = page.evaluate(
             """() => { const tables = [...document.querySelectorAll('table.sortable')];

@@ -241,6 +241,7 @@ def test_make_demo_end_to_end(tmp_path):
         report.resolve().as_uri()
     ]
     assert len(seen["figures"]) >= 6 and all(w > 100 and h > 100 for w, h in seen["figures"])
+    assert len(seen["images"]) >= 2 and all(w > 50 and h > 30 for w, h in seen["images"])  # attention grid
     assert seen["sorted"] == sorted(seen["sorted"]) and seen["tip"][1] and seen["tip"][0] == seen["tip"][2]
     # LLM2CLIP: the CLIP stage against the tiny LLM's caption embeddings beats its untrained adapter
     l2c = json.loads((tmp_path / "demo" / "llm2clip" / "llm2clip_result.json").read_text())

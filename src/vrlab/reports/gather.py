@@ -178,9 +178,18 @@ def probes(root: Path) -> list[dict[str, Any]]:
 
 
 def attention_maps(root: Path) -> list[dict[str, Any]]:
-    return [
-        {"image": p.parent.name, "word": p.stem, "path": p} for p in sorted(root.glob("attention/*/*.png"))
-    ]
+    """Attention maps of `task=attention`: one folder per image (`<stem>-<hash>`), one PNG per word
+    (`<word>@<position>`), in response order."""
+    out = []
+    for folder in sorted(p for p in root.glob("attention/*") if p.is_dir()):
+        maps = sorted(
+            folder.glob("*.png"), key=lambda p: int(p.stem.rsplit("@", 1)[-1]) if "@" in p.stem else 0
+        )
+        if maps:
+            out.append(
+                {"image": folder.name.rsplit("-", 1)[0], "run": str(folder.relative_to(root)), "maps": maps}
+            )
+    return out
 
 
 def proxies(root: Path) -> list[dict[str, Any]]:

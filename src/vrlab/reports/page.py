@@ -294,8 +294,14 @@ def build_report(outputs: str | Path, name: str, registry: Any = None, command: 
         "attention": [
             {
                 "image": a["image"],
-                "word": a["word"],
-                "src": "data:image/png;base64," + base64.b64encode(a["path"].read_bytes()).decode(),
+                "run": a["run"],
+                "maps": [
+                    {
+                        "word": m.stem.rsplit("@", 1)[0],
+                        "src": "data:image/png;base64," + base64.b64encode(m.read_bytes()).decode(),
+                    }
+                    for m in a["maps"]
+                ],
             }
             for a in results["attention"]
         ],
