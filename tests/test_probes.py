@@ -358,5 +358,9 @@ def test_lmvr_tables_in_the_papers_layout_with_reference_columns_for_real_cards(
     out = tmp_path / "outputs" / "lmvr_tables"
     assert (out / "table8.csv").read_text().splitlines()[0].startswith("row,validation acc")
     assert "paper: COCO mAP" in (out / "table2.md").read_text()
+    # one table rebuilt: the others stay in tables.json beside it (the report reads that index)
+    again = run_task(compose_cfg("task=lmvr_table", "lmvr_table.table=1", *common))
+    assert set(again["tables"]) == {1}
+    assert len(json.loads((out / "tables.json").read_text())["tables"]) == 8
     with pytest.raises(VrlabError, match=r"lmvr_table.blip2 is not set"):
         run_task(compose_cfg("task=lmvr_table", "lmvr_table.table=7", *common, "lmvr_table.blip2=null"))

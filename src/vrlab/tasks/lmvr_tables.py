@@ -9,6 +9,7 @@ it on record; on the generated benchmark there is none to compare with, and the 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,7 @@ def build_table(cfg: Any, number: int, cells: Cells) -> dict[str, Any]:
         "table": table,
         "rows": rows,
         "real_data": all(real.values()),
+        "any_real": any(real.values()),
         "recipes": sorted(recipes),
         "data": {c.data: to_plain(data[c.data]) for c in columns},
     }
@@ -237,8 +239,10 @@ def _markdown(t: dict[str, Any]) -> str:
     table = t["table"].copy()
     table.insert(len(table.columns), "run folders", [r["runs"] for r in t["rows"]])
     lines = [f"# {t['title']}", ""]
-    if t["real_data"]:
+    if t["any_real"]:
         lines.append("Paper columns: the numbers the LMVR paper published, where vrlab has them on record.")
+        if not t["real_data"]:
+            lines.append("Columns run on the generated benchmark (cards `synth-*`) have none beside them.")
     else:
         lines.append(
             "On the generated benchmark (cards `synth-*`): no published number applies, so none is shown."
@@ -301,6 +305,11 @@ def lmvr_table_task(cfg: Any) -> dict[str, Any]:
             "files": [str(out / f"table{number}.md"), str(out / f"table{number}.csv")],
         }
         print(f"\n{t['title']}\n{t['table'].to_string(index=False)}")
-    atomic_write_json(out / "tables.json", {"tables": written, "skipped": skipped})
+    # one table rebuilt keeps the others of an earlier run beside it (each lists its own run folders)
+    index = out / "tables.json"
+    earlier = json.loads(index.read_text()) if index.exists() else {}
+    kept = {k: v for k, v in earlier.get("tables", {}).items() if int(k) not in written}
+    merged = dict(sorted({**{int(k): v for k, v in kept.items()}, **written}.items()))
+    atomic_write_json(index, {"tables": merged, "skipped": skipped})
     log.info("LMVR tables %s -> %s", ", ".join(map(str, written)), out)
     return {"tables": written, "skipped": skipped, "folder": str(out)}
