@@ -212,11 +212,27 @@ def check_report_in_browser(page_file: Path, screenshot: Path) -> dict:
         )
         assert where is not None, "no sortable table with a numeric column"
         t, col = where
-        page.locator("table.sortable").nth(t).locator("th").nth(col).click()
-        seen["sorted"] = page.evaluate(
-            f"""() => [...document.querySelectorAll('table.sortable')[{t}].tBodies[0].rows]
+        column = f"""() => [...document.querySelectorAll('table.sortable')[{t}].tBodies[0].rows]
                      .map(r => r.cells[{col}].dataset.v).filter(v => v !== '').map(Number)"""
+        header = page.locator("table.sortable").nth(t).locator("th").nth(col)
+        header.click()
+        seen["sorted"] = page.evaluate(column)
+        header.click()  # a second click sorts the other way
+        seen["sorted_desc"] = page.evaluate(column)
+        # the filter box: one encoder's name leaves its rows, and hides the others' in that table
+        name = page.evaluate(
+            """() => { const t = document.querySelector('table.filterable');
+                       return t ? t.tBodies[0].rows[0].cells[Number(t.dataset.nameCol)].textContent : null; }"""
         )
+        if name:
+            page.fill("#filter", name)
+            seen["filtered"] = page.evaluate(
+                """() => { const t = document.querySelector('table.filterable'); const c = Number(t.dataset.nameCol);
+                           return [...t.tBodies[0].rows].filter(r => r.style.display !== 'none')
+                                  .map(r => r.cells[c].textContent); }"""
+            )
+            seen["filter_name"] = name
+            page.fill("#filter", "")
         tips = page.evaluate("() => JSON.parse(document.getElementById('tips').textContent)")
         if tips:
             first = sorted(tips)[0]

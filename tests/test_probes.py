@@ -362,5 +362,16 @@ def test_lmvr_tables_in_the_papers_layout_with_reference_columns_for_real_cards(
     again = run_task(compose_cfg("task=lmvr_table", "lmvr_table.table=1", *common))
     assert set(again["tables"]) == {1}
     assert len(json.loads((out / "tables.json").read_text())["tables"]) == 8
+    # a data set without its second test card leaves those columns empty, never filled from the first
+    short = run_task(
+        compose_cfg(
+            "task=lmvr_table",
+            "lmvr_table.table=3",
+            *common,
+            "lmvr_table.data.visda.test=[synth-visda-validation]",
+        )
+    )
+    r = short["tables"][3]["rows"][0]
+    assert r["validation acc"] is not None and r["test acc"] is None and r["test mean-class acc"] is None
     with pytest.raises(VrlabError, match=r"lmvr_table.blip2 is not set"):
         run_task(compose_cfg("task=lmvr_table", "lmvr_table.table=7", *common, "lmvr_table.blip2=null"))

@@ -76,7 +76,10 @@ def test_report_works_in_a_real_browser(compose_cfg, law_outputs):
     assert not [m for m in seen["console"] if m[0] == "error"], seen["console"]
     assert seen["requests"] == [page.resolve().as_uri()]  # the file itself and nothing else
     assert len(seen["figures"]) == 4 and all(w > 100 and h > 100 for w, h in seen["figures"])
-    assert seen["sorted"] == sorted(seen["sorted"])  # the clicked column sorts ascending
+    assert seen["sorted"] == sorted(seen["sorted"]) and seen["sorted_desc"] == sorted(
+        seen["sorted"], reverse=True
+    )
+    assert seen["filtered"] and all(seen["filter_name"] in n for n in seen["filtered"])
     text, visible, expected = seen["tip"]  # hovering a point shows its own label
     assert visible and text == expected and text.startswith("enc") and " A " in text and " C " in text
     assert (SCREENSHOTS / "report-law.png").stat().st_size > 10_000

@@ -84,12 +84,13 @@ class DeepFashionLoader(Loader):
         test_fraction: float = 0.2,
         captions: str = "captions.json",
         prompt: str = DEEPFASHION_PROMPT,
+        images: str = "image",
     ) -> None:
         super().__init__(root, split)
         if split not in ("train", "test", "all"):
             raise VrlabError(f"DeepFashion-MultiModal split '{split}' must be train, test or all")
         self.test_fraction = float(test_fraction)
-        self.image_folder = "image"
+        self.image_folder = str(images)  # the README's `image/`; some copies unpack as `images/`
         self.attributes = deepfashion_attributes()
         self.groups = DEEPFASHION_GROUPS
         self.values = {a: [v for v in codes.values() if v != _NA] for a, codes in self.attributes.items()}
@@ -114,7 +115,7 @@ class DeepFashionLoader(Loader):
         for name in sorted(labels):
             if split != "all" and in_test_split(name, self.test_fraction) != (split == "test"):
                 continue
-            image = self.root / "image" / name
+            image = self.root / self.image_folder / name
             if not image.exists():
                 raise VrlabError(f"image {image} is annotated in {self.root / 'labels'} but not on disk")
             attrs = {a: labels[name].get(a) for a in self.attributes}

@@ -141,7 +141,11 @@ def lmvr_tables(root: Path) -> list[dict[str, Any]]:
     path = root / "lmvr_tables" / "tables.json"
     if not path.exists():
         return []
-    tables = json.loads(path.read_text())["tables"]
+    try:
+        tables = json.loads(path.read_text())["tables"]
+    except (json.JSONDecodeError, KeyError, OSError) as exc:
+        log.warning("report: %s is not an LMVR table index (%s); left out", path, exc)
+        return []
     return [
         {
             "number": int(n),
@@ -177,14 +181,18 @@ def probes(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _position(png: Path) -> int:
+    """The word's position in the response, from `<word>@<position>.png` (0 when the name has none)."""
+    tail = png.stem.rsplit("@", 1)[-1]
+    return int(tail) if "@" in png.stem and tail.isdigit() else 0
+
+
 def attention_maps(root: Path) -> list[dict[str, Any]]:
     """Attention maps of `task=attention`: one folder per image (`<stem>-<hash>`), one PNG per word
     (`<word>@<position>`), in response order."""
     out = []
     for folder in sorted(p for p in root.glob("attention/*") if p.is_dir()):
-        maps = sorted(
-            folder.glob("*.png"), key=lambda p: int(p.stem.rsplit("@", 1)[-1]) if "@" in p.stem else 0
-        )
+        maps = sorted(folder.glob("*.png"), key=_position)
         if maps:
             out.append(
                 {"image": folder.name.rsplit("-", 1)[0], "run": str(folder.relative_to(root)), "maps": maps}

@@ -29,7 +29,9 @@ def _num(v: Any) -> Any:
 PATH_COLUMNS = {"run", "sha256", "source", "file", "checkpoint digest", "run folders", "store key"}
 
 
-def _table(columns: list[str], rows: list[list[Any]], filterable: bool = True) -> dict[str, Any]:
+def _table(
+    columns: list[str], rows: list[list[Any]], filterable: bool = True, name_col: int = 0
+) -> dict[str, Any]:
     """A table for the template; `kinds` styles each column (numbers right-aligned, paths and digests small)."""
     rows = [[_num(v) for v in r] for r in rows]
     kinds = [
@@ -41,7 +43,8 @@ def _table(columns: list[str], rows: list[list[Any]], filterable: bool = True) -
         else ""
         for k, c in enumerate(columns)
     ]
-    return {"columns": columns, "rows": rows, "kinds": kinds, "filterable": filterable}
+    # the filter box matches the encoder column (`name_col`) of filterable tables
+    return {"columns": columns, "rows": rows, "kinds": kinds, "filterable": filterable, "name_col": name_col}
 
 
 def _encoders(results: dict[str, Any], registry: Any) -> dict[str, Any]:
@@ -181,7 +184,7 @@ def _policy(results: dict[str, Any]) -> dict[str, Any]:
         "simulation": _table(
             ["policy run", "benchmark", "k", "budget", "recall AC", "recall random"], rows, False
         ),
-        "recommend": _table(["benchmark", "rank", "encoder", "predicted", "90% interval"], recs),
+        "recommend": _table(["benchmark", "rank", "encoder", "predicted", "90% interval"], recs, name_col=2),
     }
 
 
@@ -196,7 +199,9 @@ def _lmvr(results: dict[str, Any], outputs: Path) -> list[dict[str, Any]]:
     for t in results["lmvr_tables"]:
         cols = [c for c in t["columns"] if c != "runs"]
         rows = [[r.get(c) for c in cols] + [short(r.get("runs", ""))] for r in t["rows"]]
-        out.append({"title": t["title"], "recipes": t["recipes"], **_table([*cols, "run folders"], rows)})
+        out.append(
+            {"title": t["title"], "recipes": t["recipes"], **_table([*cols, "run folders"], rows, False)}
+        )
     return out
 
 

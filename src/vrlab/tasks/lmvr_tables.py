@@ -205,12 +205,15 @@ def build_table(cfg: Any, number: int, cells: Cells) -> dict[str, Any]:
             try:
                 result = cells.get(row.model, row, train, tests)
             except VrlabError as exc:
-                if row.model == "checkpoint":
+                if row.model == "checkpoint" or "is not set" not in str(exc):
                     raise
                 out[col.label] = None  # an optional model (fine-tuned, BLIP-2) that was not given
-                runs[row.label] = [f"not run: {exc}"]
+                note = f"not run: {exc}"
+                if note not in runs.setdefault(row.label, []):
+                    runs[row.label].append(note)
                 continue
-            out[col.label] = _value(result, tests[min(col.test, len(tests) - 1)], col.metric)
+            # a data set with fewer test cards than the table's columns leaves those cells empty
+            out[col.label] = _value(result, tests[col.test], col.metric) if col.test < len(tests) else None
             if cfg.lmvr_table.reference and real[col.label]:
                 paper = row.paper[k] if k < len(row.paper) else None
                 out[f"paper: {col.label}"] = paper
@@ -302,13 +305,20 @@ def lmvr_table_task(cfg: Any) -> dict[str, Any]:
             "rows": t["rows"],
             "real_data": t["real_data"],
             "recipes": t["recipes"],
+            "models": {
+                "checkpoint": str(cfg.checkpoint),
+                "finetuned": str(tcfg.finetuned) if tcfg.finetuned else None,
+                "blip2": str(tcfg.blip2) if tcfg.blip2 else None,
+            },
             "files": [str(out / f"table{number}.md"), str(out / f"table{number}.csv")],
         }
         print(f"\n{t['title']}\n{t['table'].to_string(index=False)}")
     # one table rebuilt keeps the others of an earlier run beside it (each lists its own run folders)
     index = out / "tables.json"
     earlier = json.loads(index.read_text()) if index.exists() else {}
-    kept = {k: v for k, v in earlier.get("tables", {}).items() if int(k) not in written}
+    kept = {
+        k: v for k, v in earlier.get("tables", {}).items() if int(k) not in written and int(k) not in skipped
+    }
     merged = dict(sorted({**{int(k): v for k, v in kept.items()}, **written}.items()))
     atomic_write_json(index, {"tables": merged, "skipped": skipped})
     log.info("LMVR tables %s -> %s", ", ".join(map(str, written)), out)

@@ -128,7 +128,8 @@ def lmvr_recipe(cfg: Any) -> dict[str, Any]:
     """How the LLM features of `cfg.checkpoint` were made, and whether that is the released code's recipe."""
     lcfg = cfg.lmvr
     config = Path(str(cfg.checkpoint)) / VLM_CONFIG
-    template = json.loads(config.read_text()).get("template") if config.exists() else None
+    # a checkpoint without the key reads as vicuna_v1, as VisionLanguageModel does
+    template = json.loads(config.read_text()).get("template", "vicuna_v1") if config.exists() else None
     ours = {"prompt": str(lcfg.prompt), "max_new_tokens": int(lcfg.max_new_tokens), "template": template}
     differs = [k for k, v in RELEASED_RECIPE.items() if ours.get(k) != v]
     return {
@@ -200,6 +201,10 @@ def probe_task(cfg: Any) -> dict[str, Any]:
             "test": to_plain(pcfg.test),
             "checkpoint": str(cfg.checkpoint),
             "wd": to_plain(pcfg.weight_decays),
+            # the LLM features' recipe and the fit's split: another recipe or seed is another run
+            "recipe": [str(cfg.lmvr.prompt), int(cfg.lmvr.max_new_tokens)],
+            "seed": cfg.seed,
+            "val_fraction": pcfg.val_fraction,
             **({"benchmark_args": to_plain(pcfg.benchmark_args)} if pcfg.get("benchmark_args") else {}),
         },
     )

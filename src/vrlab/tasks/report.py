@@ -29,7 +29,14 @@ def report_task(cfg: Any) -> dict[str, Any]:
         cfg.paths.outputs,
         name,
         Registry.from_config(cfg.registry),
-        command=f"vrlab task=report experiment={name} paths.outputs={cfg.paths.outputs}",
+        command=" ".join(
+            [
+                "vrlab task=report",
+                *([f"experiment={_experiment()}"] if _experiment() else []),
+                f"report.name={name}",
+                f"paths.outputs={cfg.paths.outputs}",
+            ]
+        ),
     )
     atomic_write_bytes(out, html.encode())
     print(f"report: {out.resolve()}")

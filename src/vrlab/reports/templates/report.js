@@ -35,9 +35,12 @@
   if (filter) {
     filter.addEventListener("input", function () {
       var q = filter.value.trim().toLowerCase();
-      document.querySelectorAll("table.filterable tbody tr").forEach(function (r) {
-        var name = r.cells.length ? r.cells[0].textContent.toLowerCase() : "";
-        r.style.display = !q || name.indexOf(q) >= 0 ? "" : "none";
+      document.querySelectorAll("table.filterable").forEach(function (table) {
+        var col = Number(table.getAttribute("data-name-col") || 0);
+        Array.prototype.forEach.call(table.tBodies[0].rows, function (r) {
+          var name = r.cells.length > col ? r.cells[col].textContent.toLowerCase() : "";
+          r.style.display = !q || name.indexOf(q) >= 0 ? "" : "none";
+        });
       });
     });
   }
