@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vrlab.data.images import IMAGE_SUFFIXES
-from vrlab.data.loaders import ImageFolderLoader, Item, Loader
+from vrlab.data.loaders import ImageFolderLoader, Item, Loader, first_per_class
 from vrlab.errors import VrlabError
 
 # DeepFashion-MultiModal's attribute definitions (its README, "Labels"): code -> name; 'NA' = not visible.
@@ -216,14 +216,7 @@ class ImageNetLoader(ImageFolderLoader):
         else:
             Loader.__init__(self, root, split)
             self._flat(base, self.root / devkit)
-        if max_per_class:
-            kept: dict[int, int] = {}
-            items = []
-            for it in self.items:
-                if kept.get(it.label, 0) < max_per_class:
-                    kept[it.label] = kept.get(it.label, 0) + 1
-                    items.append(it)
-            self.items = items
+        self.items = first_per_class(self.items, max_per_class)
 
     def _flat(self, base: Path, devkit: Path) -> None:
         if not base.is_dir():

@@ -70,6 +70,19 @@ class Pair:
     target_size: tuple[int, int]
 
 
+def first_per_class(items: Sequence[Item], n: int | None) -> list[Item]:
+    """The first `n` items of each label, in order (a documented subset); every item when `n` is falsy."""
+    if not n:
+        return list(items)
+    seen: dict[Any, int] = {}
+    kept = []
+    for it in items:
+        seen[it.label] = seen.get(it.label, 0) + 1
+        if seen[it.label] <= n:
+            kept.append(it)
+    return kept
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         raise VrlabError(f"{what} not found: {path}")
@@ -349,13 +362,10 @@ class ImageNetCLoader(Loader):
                     "severity": int(sev_dir.name),
                     "category": category.get(corruption, "other"),
                 }
-                kept: dict[Any, int] = {}
-                for it in folder.items:
-                    kept[it.label] = kept.get(it.label, 0) + 1
-                    if not max_per_class or kept[it.label] <= max_per_class:
-                        self.items.append(
-                            Item(f"{corruption}/{sev_dir.name}/{it.id}", it.path, it.label, dict(meta))
-                        )
+                self.items += [
+                    Item(f"{corruption}/{sev_dir.name}/{it.id}", it.path, it.label, dict(meta))
+                    for it in first_per_class(folder.items, max_per_class)
+                ]
         self.check_ids()
 
 

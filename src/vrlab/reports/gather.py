@@ -30,6 +30,15 @@ def _json_files(root: Path, pattern: str) -> Iterable[tuple[Path, dict[str, Any]
             log.warning("report: %s is not readable JSON (%s); left out", path, exc)
 
 
+def _run(root: Path, path: Path) -> dict[str, str]:
+    """A result's run folder (relative to the outputs) and its file's digest."""
+    return {"run": str(path.parent.relative_to(root)), "sha256": _digest(path)}
+
+
+def _encoder(d: dict[str, Any]) -> Any:
+    return d.get("encoder") or d.get("representation")
+
+
 def _source(root: Path, path: Path) -> dict[str, str]:
     return {"file": str(path.relative_to(root)), "sha256": _digest(path)}
 
@@ -71,9 +80,8 @@ def evals(root: Path) -> list[dict[str, Any]]:
                     "samples": t.get("n_samples"),
                     "lmms_eval": t.get("lmms_eval_version") or d.get("lmms_eval_version"),
                     "checkpoint_digest": d.get("checkpoint_digest"),
-                    "run": str(path.parent.relative_to(root)),
-                    "sha256": _digest(path),
-                    "command": f"vrlab task=eval encoder={d.get('encoder') or d.get('representation')} checkpoint={d.get('checkpoint')}",
+                    **_run(root, path),
+                    "command": f"vrlab task=eval encoder={_encoder(d)} checkpoint={d.get('checkpoint')}",
                 }
             )
     return rows
@@ -91,9 +99,8 @@ def correspondence(root: Path) -> list[dict[str, Any]]:
                 "frame": d.get("frame"),
                 "C": d.get("C"),
                 "pairs": d.get("n_pairs"),
-                "run": str(path.parent.relative_to(root)),
-                "sha256": _digest(path),
-                "command": f"vrlab task=correspondence encoder={d.get('encoder') or d.get('representation')} benchmark={d.get('benchmark')}",
+                **_run(root, path),
+                "command": f"vrlab task=correspondence encoder={_encoder(d)} benchmark={d.get('benchmark')}",
             }
         )
     return rows
@@ -111,9 +118,8 @@ def alignment(root: Path) -> list[dict[str, Any]]:
                     "benchmark": bench,
                     "protocol": d.get("protocol"),
                     "A": value,
-                    "run": str(path.parent.relative_to(root)),
-                    "sha256": _digest(path),
-                    "command": f"vrlab task=alignment encoder={d.get('encoder') or d.get('representation')} "
+                    **_run(root, path),
+                    "command": f"vrlab task=alignment encoder={_encoder(d)} "
                     f"alignment.protocol={d.get('protocol')}",
                 }
             )
@@ -174,8 +180,7 @@ def probes(root: Path) -> list[dict[str, Any]]:
                     "test": test,
                     "value": value,
                     "metric": next((k for k in ("mAP", "accuracy", "object") if k in m), ""),
-                    "run": str(path.parent.relative_to(root)),
-                    "sha256": _digest(path),
+                    **_run(root, path),
                 }
             )
     return rows

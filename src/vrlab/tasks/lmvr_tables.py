@@ -179,13 +179,14 @@ class Cells:
             raise VrlabError(f"lmvr_table.{model} is not set (the model of the row '{row.label}')")
         key = (str(checkpoint), row.features, row.row, train, tuple(tests))
         if key not in self.done:
-            over = {
-                "checkpoint": str(checkpoint),
-                "probe": {"features": row.features, "row": row.row if row.features == "llm" else None},
+            probe = {
+                "features": row.features,
+                "row": (row.row or LAST) if row.features == "llm" else None,  # baselines: <features>/mean
+                "train": train,
+                "test": tests,
+                "label": row.label,
             }
-            over["probe"] |= {"train": train, "test": tests, "label": row.label}
-            if row.features == "llm" and not row.row:
-                over["probe"]["row"] = LAST
+            over = {"checkpoint": str(checkpoint), "probe": probe}
             self.done[key] = probe_task(OmegaConf.merge(self.cfg, over))
         return self.done[key]
 
